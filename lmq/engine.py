@@ -1,0 +1,211 @@
+"""LLMEngine: add_request / step / abort over the scheduler, a model runner and the sampler."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from lmq.block_manager import BlockManager
+from lmq.config import EngineConfig
+from lmq.sampling import Sampler, SamplerRow, SamplingParams, token_logprobs
+from lmq.scheduler import ScheduledBatch, Scheduler
+from lmq.sequence import Request, RequestOutput, Sequence
+from lmq.tokenizer import Detokenizer, Tokenizer
+
+log = logging.getLogger("lmq")
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_blocks: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+
+
+class LLMEngine:
+    """Owns one model. Not thread-safe: one thread calls add_request/step/abort."""
+
+    def __init__(self, config: EngineConfig, tokenizer: Tokenizer) -> None:
+        from torch_engine import ops
+        from torch_engine.model_runner import ModelRunner
+
+        if config.backend != "pytorch":
+            raise ValueError(f"backend={config.backend!r} is not available yet: use 'pytorch'")
+        self.runner = ModelRunner(config, ops)
+        num_blocks = config.cache.num_kv_blocks or self._cap_blocks(config, self.runner.profile_num_blocks())
+        self.config = config.with_num_kv_blocks(num_blocks)
+        self.runner.allocate_kv_cache(num_blocks)
+        self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.tokenizer = tokenizer
+        self.detokenizer = Detokenizer(tokenizer)
+        self.sampler = Sampler()
+        self.requests: dict[str, Request] = {}
+        self.streaming: set[str] = set()
+        self._seq_ids = itertools.count()
+        eos = set(config.model.eos_token_ids)
+        if tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(eos)
+        log.info("lmq: %s on %s (%s), %d KV blocks of %d tokens", config.model.architecture, config.device,
+                 str(config.model.dtype).removeprefix("torch."), num_blocks, config.cache.block_size)
+
+    @staticmethod
+    def _cap_blocks(config: EngineConfig, profiled: int) -> int:
+        """No more blocks than max_num_seqs sequences of full length can use."""
+        per_seq = -(-config.scheduler.max_model_len // config.cache.block_size)
+        return min(profiled, config.scheduler.max_num_seqs * per_seq)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.scheduler.max_model_len
+
+    # -- requests ------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    stream: bool = False) -> None:
+        """Queue a request. `stream=True` detokenizes every step (for streaming deltas)."""
+        if request_id in self.requests:
+            raise ValueError(f"request_id={request_id!r} is already in use")
+        text = prompt if isinstance(prompt, str) else None
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._validate(ids, params)
+        req = Request(request_id, text, ids, params)
+        seq = self._new_seq(req, 0, list(ids))
+        self.requests[request_id] = req
+        if stream:
+            self.streaming.add(request_id)
+        self.scheduler.add(seq)
+
+    def _validate(self, ids: list[int], params: SamplingParams) -> None:
+        vocab = self.config.model.vocab_size
+        if not ids:
+            raise ValueError("prompt is empty: at least 1 token is required")
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is out of range [0, {vocab})")
+        want = len(ids) + (params.max_tokens or 1)
+        if want > self.max_model_len:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {want} exceeds "
+                             f"the context length max_model_len={self.max_model_len}")
+        blocks = self.block_manager.blocks_needed(want)
+        if blocks > self.block_manager.num_blocks:
+            raise ValueError(f"prompt + max_tokens = {want} tokens needs {blocks} KV blocks but the cache has "
+                             f"only num_kv_blocks={self.block_manager.num_blocks}")
+        if params.n > self.config.scheduler.max_num_seqs:
+            raise ValueError(f"n={params.n} exceeds max_num_seqs={self.config.scheduler.max_num_seqs}")
+
+    def _new_seq(self, req: Request, index: int, token_ids: list[int]) -> Sequence:
+        gen = None
+        if req.params.seed is not None:
+            gen = torch.Generator(device=self.runner.device).manual_seed(req.params.seed + index)
+        seq = Sequence(next(self._seq_ids), req, index, token_ids, len(req.prompt_token_ids), generator=gen)
+        self.detokenizer.start(seq)
+        req.seqs.append(seq)
+        return seq
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now; its KV blocks return to the pool at once."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        for seq in req.seqs:
+            if not seq.is_finished:
+                seq.finish("abort")
+                self.scheduler.remove(seq)
+        self.streaming.discard(request_id)
+        return RequestOutput.from_request(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), bm.num_free_blocks,
+                           bm.num_blocks, bm.prefix_queries, bm.prefix_hits, self.scheduler.num_preemptions)
+
+    # -- the step ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model, sample, and report every request that changed."""
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return []
+        out = self.runner.execute(batch)
+        self.scheduler.on_step_done(batch)
+        touched: dict[str, Request] = {}
+        for seq_id, logits in out.prompt_logits.items():
+            self._prompt_logprobs(next(s.seq for s in batch.seqs if s.seq.seq_id == seq_id), logits)
+        seqs, logits = self._expand_forks(batch, out.sample_logits)
+        if seqs:
+            rows = [SamplerRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator) for s in seqs]
+            sampled = self.sampler(logits, rows)
+            now = time.monotonic()
+            for seq, tok, lp in zip(seqs, sampled.token_ids, sampled.logprobs):
+                self._append(seq, tok, lp)
+                seq.request.first_token_time = seq.request.first_token_time or now
+                touched[seq.request.request_id] = seq.request
+        return [self._output(req) for req in touched.values()]
+
+    def _expand_forks(self, batch: ScheduledBatch, logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
+        """A request with n > 1 forks when its prompt is done: the samples share its full blocks
+        and each draws its first token from the same logits row."""
+        seqs = [s.seq for s in batch.seqs if s.samples]
+        extra_seqs, extra_rows = [], []
+        for i, seq in enumerate(seqs):
+            if not seq.request.needs_fork:
+                continue
+            prompt = seq.prompt_token_ids
+            for k in range(1, seq.params.n):
+                child = self._new_seq(seq.request, k, list(prompt))
+                self.block_manager.fork(seq.seq_id, child.seq_id, len(prompt))
+                child.num_computed_tokens = len(self.block_manager.block_table(child.seq_id)) * \
+                    self.block_manager.block_size
+                self.scheduler.add_running(child)
+                extra_seqs.append(child)
+                extra_rows.append(i)
+        if extra_rows:
+            logits = torch.cat([logits, logits[extra_rows]])
+        return seqs + extra_seqs, logits
+
+    def _prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """logits: [n, V] for prompt positions start..start+n-1, each predicting the next token."""
+        req = seq.request
+        if not req.prompt_logprobs:
+            req.prompt_logprobs.append(None)  # nothing predicts the first token
+        first = len(req.prompt_logprobs)  # the prompt position this chunk's first row predicts
+        targets = torch.tensor(req.prompt_token_ids[first:first + logits.shape[0]], device=logits.device)
+        k = req.params.prompt_logprobs
+        req.prompt_logprobs.extend(token_logprobs(logits.log_softmax(-1), targets, [k] * len(targets)))
+
+    def _append(self, seq: Sequence, token: int, logprobs: dict | None) -> None:
+        seq.token_ids.append(token)
+        if logprobs is not None:
+            seq.logprobs.append(logprobs)
+        p = seq.params
+        if token in p.stop_token_ids:
+            seq.finish("stop", token)
+        elif not p.ignore_eos and token in self.eos_token_ids:
+            seq.finish("stop")
+        if p.stop or seq.request.request_id in self.streaming:
+            self.detokenizer.step(seq)
+        if not seq.is_finished and (len(seq.output_token_ids) >= (p.max_tokens or self.max_model_len)
+                                    or seq.num_tokens >= self.max_model_len):
+            seq.finish("length")
+        if seq.is_finished:
+            self.scheduler.remove(seq)
+            if not (p.stop or seq.request.request_id in self.streaming):
+                seq.text = self.detokenizer.full_text(seq)
+
+    def _output(self, req: Request) -> RequestOutput:
+        out = RequestOutput.from_request(req)
+        if req.is_finished:
+            self.requests.pop(req.request_id, None)
+            self.streaming.discard(req.request_id)
+        return out

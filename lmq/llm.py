@@ -1,0 +1,147 @@
+"""LLM: the offline Python API, shaped like vLLM's.
+
+    from lmq import LLM, SamplingParams
+    llm = LLM()                                   # the built-in default model
+    outs = llm.generate(["Hello"], SamplingParams(max_tokens=32))
+    outs = llm.chat([{"role": "user", "content": "What is the capital of France?"}])
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from lmq.config import BACKENDS, CacheConfig, EngineConfig, SchedulerConfig
+from lmq.engine import LLMEngine
+from lmq.models import model_config_from_hf
+from lmq.sampling import SamplingParams
+from lmq.sequence import RequestOutput
+from lmq.tokenizer import Tokenizer
+from lmq.weights import resolve_model
+
+Message = dict
+Prompt = str | list[int]
+
+
+def pick_backend(backend: str, device: str) -> str:
+    """`auto` takes turbomind when CUDA is there and turbomind supports the model, else pytorch."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is invalid: must be one of {', '.join(BACKENDS)}")
+    if backend == "turbomind":
+        raise ValueError("backend='turbomind' is not available yet in this lmq version: use 'pytorch' or 'auto'")
+    return "pytorch"
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_engine_config(model: str | None = None, *, backend: str = "auto", dtype: str = "auto",
+                        device: str | None = None, block_size: int = 16, num_kv_blocks: int | None = None,
+                        gpu_memory_utilization: float = 0.9, kv_cache_gb: float = 2.0,
+                        max_num_batched_tokens: int | None = None, max_num_seqs: int = 256,
+                        max_model_len: int | None = None, enable_prefix_caching: bool = True,
+                        enable_cuda_graph: bool = True, seed: int = 0) -> EngineConfig:
+    """Options as the CLI and LLM take them -> a validated EngineConfig."""
+    from transformers import AutoConfig, GenerationConfig
+
+    path = resolve_model(model)
+    device = device or default_device()
+    hf = AutoConfig.from_pretrained(path)
+    try:
+        gen_eos = GenerationConfig.from_pretrained(path).eos_token_id
+    except OSError:
+        gen_eos = None
+    mcfg = model_config_from_hf(path, hf, dtype, device, max_model_len, gen_eos)
+    budget = max_num_batched_tokens or (8192 if device.startswith("cuda") else 2048)
+    return EngineConfig(
+        model=mcfg,
+        cache=CacheConfig(block_size=block_size, num_kv_blocks=num_kv_blocks,
+                          gpu_memory_utilization=gpu_memory_utilization, kv_cache_gb=kv_cache_gb,
+                          enable_prefix_caching=enable_prefix_caching),
+        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
+                                  max_model_len=mcfg.max_model_len),
+        backend=pick_backend(backend, device),
+        device=device,
+        enable_cuda_graph=enable_cuda_graph,
+        seed=seed,
+    )
+
+
+class LLM:
+    def __init__(self, model: str | None = None, **options: object) -> None:
+        config = build_engine_config(model, **options)  # type: ignore[arg-type]
+        torch.manual_seed(config.seed)
+        self.tokenizer = Tokenizer(config.model.path)
+        self.engine = LLMEngine(config, self.tokenizer)
+        self._ids = itertools.count()
+
+    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """prompts: a string, a list of token ids, or a list of either. Outputs in input order."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)  # type: ignore[arg-type]
+        params_list = self._params_per_prompt(params, len(prompts))
+        ids = []
+        try:
+            for p, sp in zip(prompts, params_list):
+                rid = f"gen-{next(self._ids)}"
+                self.engine.add_request(rid, p, sp)
+                ids.append(rid)
+        except Exception:
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages: list[Message] | list[list[Message]], params: SamplingParams | None = None,
+             use_tqdm: bool = False) -> list[RequestOutput]:
+        """One conversation or a list of them, through the model's chat template."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.tokenizer.apply_chat_template(c) for c in convs]  # type: ignore[arg-type]
+        return self.generate(prompts, params, use_tqdm)
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
+        """Yields text deltas of one request as they are produced (n = 1)."""
+        rid = f"stream-{next(self._ids)}"
+        self.engine.add_request(rid, prompt, params or SamplingParams(), stream=True)
+        sent = 0
+        try:
+            while True:
+                for out in self.engine.step():
+                    if out.request_id != rid:
+                        continue
+                    text = out.outputs[0].text
+                    if len(text) > sent:
+                        yield text[sent:]
+                        sent = len(text)
+                    if out.finished:
+                        return
+        finally:
+            self.engine.abort(rid)
+
+    @staticmethod
+    def _params_per_prompt(params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
+        if params is None:
+            return [SamplingParams()] * n
+        if isinstance(params, SamplingParams):
+            return [params] * n
+        params = list(params)
+        if len(params) != n:
+            raise ValueError(f"got {len(params)} SamplingParams for {n} prompts")
+        return params
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Generating", disable=not use_tqdm)
+        while len(done) < len(ids):
+            for out in self.engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+                    bar.update(1)
+        bar.close()
+        return [done[i] for i in ids]

@@ -1,0 +1,162 @@
+"""The Llama family: Llama (GQA, tied or untied embeddings, llama3 rope), Mistral (sliding
+window), Qwen2 (qkv bias), Qwen3 (per-head q/k RMSNorm). Written against the ops interface:
+`ops` is torch_engine.ops or turbomind.ops, and this file never knows which.
+
+Projections are fused: q|k|v in one matrix, gate|up in another (HF checkpoints are split;
+`load_weights` copies each part into its slice).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from lmq.attention import AttentionMetadata
+from lmq.config import ModelConfig
+
+
+def _param(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape), requires_grad=False)
+
+
+class Linear(nn.Module):
+    def __init__(self, out_features: int, in_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.weight = _param(out_features, in_features)
+        self.bias = _param(out_features) if bias else None
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        h, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.cfg = cfg
+        self.window = cfg.sliding_windows[layer_idx]
+        self.qkv_proj = Linear((h + 2 * hkv) * d, cfg.hidden_size, bias=cfg.attention_bias)
+        self.o_proj = Linear(cfg.hidden_size, h * d)
+        self.q_norm = _param(d) if cfg.qk_norm else None
+        self.k_norm = _param(d) if cfg.qk_norm else None
+        self.gate_up_proj = Linear(2 * cfg.intermediate_size, cfg.hidden_size)
+        self.down_proj = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = _param(cfg.hidden_size)
+        self.post_attention_layernorm = _param(cfg.hidden_size)
+
+    def forward(self, ops: ModuleType, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
+                kv_cache: torch.Tensor, cos_sin: torch.Tensor,
+                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [T, hidden]; kv_cache: [2, num_blocks, block_size, Hkv, D]"""
+        cfg = self.cfg
+        h, hkv, d, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
+        x, residual = ops.rms_norm(x, self.input_layernorm, eps, residual)
+        qkv = ops.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)  # [T, (H + 2 Hkv) D]
+        q, k, v = qkv.split([h * d, hkv * d, hkv * d], dim=-1)
+        q, k, v = q.view(-1, h, d), k.view(-1, hkv, d), v.view(-1, hkv, d)
+        if self.q_norm is not None:
+            q, _ = ops.rms_norm(q, self.q_norm, eps)
+            k, _ = ops.rms_norm(k, self.k_norm, eps)
+        q, k = ops.rotary(positions, q, k, cos_sin)
+        o = ops.attention(q, k, v, kv_cache[0], kv_cache[1], meta, d ** -0.5, self.window)  # [T, H, D]
+        x = ops.linear(o.reshape(-1, h * d), self.o_proj.weight)
+        x, residual = ops.rms_norm(x, self.post_attention_layernorm, eps, residual)
+        x = ops.silu_and_mul(ops.linear(x, self.gate_up_proj.weight))
+        return ops.linear(x, self.down_proj.weight), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, ops: ModuleType) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.ops = ops
+        self.embed_tokens = _param(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = _param(cfg.hidden_size)
+        self.lm_head = None if cfg.tie_word_embeddings else _param(cfg.vocab_size, cfg.hidden_size)
+        # [max_len, 2, D], float32 until the model is cast to its dtype (as transformers casts cos/sin)
+        self.register_buffer("cos_sin", _rope_cache(cfg), persistent=False)
+
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, kv_caches: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """token_ids, positions: [T]; kv_caches: [L, 2, num_blocks, block_size, Hkv, D] -> [T, hidden]"""
+        ops = self.ops
+        x, residual = ops.embedding(token_ids, self.embed_tokens), None
+        for i, layer in enumerate(self.layers):
+            x, residual = layer(ops, positions, x, residual, kv_caches[i], self.cos_sin, meta)
+        x, _ = ops.rms_norm(x, self.norm, self.cfg.rms_norm_eps, residual)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, hidden] -> [N, vocab] float32"""
+        w = self.embed_tokens if self.lm_head is None else self.lm_head
+        return self.ops.linear(hidden, w).float()
+
+    # -- weights -------------------------------------------------------------------------------
+    def _targets(self, name: str) -> tuple[torch.Tensor, slice | None] | None:
+        """HF parameter name -> (our tensor, row slice of a fused matrix or None)."""
+        cfg = self.cfg
+        qd, kvd, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+        name = name.removeprefix("model.")
+        if name == "embed_tokens.weight":
+            return self.embed_tokens, None
+        if name == "norm.weight":
+            return self.norm, None
+        if name == "lm_head.weight":
+            return (self.lm_head, None) if self.lm_head is not None else None
+        parts = name.split(".")
+        if parts[0] != "layers":
+            raise ValueError(f"unexpected weight {name!r}")
+        layer, rest = self.layers[int(parts[1])], ".".join(parts[2:])
+        fused = {
+            "self_attn.q_proj": (layer.qkv_proj, slice(0, qd)),
+            "self_attn.k_proj": (layer.qkv_proj, slice(qd, qd + kvd)),
+            "self_attn.v_proj": (layer.qkv_proj, slice(qd + kvd, qd + 2 * kvd)),
+            "self_attn.o_proj": (layer.o_proj, None),
+            "mlp.gate_proj": (layer.gate_up_proj, slice(0, inter)),
+            "mlp.up_proj": (layer.gate_up_proj, slice(inter, 2 * inter)),
+            "mlp.down_proj": (layer.down_proj, None),
+        }
+        plain = {
+            "input_layernorm.weight": layer.input_layernorm,
+            "post_attention_layernorm.weight": layer.post_attention_layernorm,
+            "self_attn.q_norm.weight": layer.q_norm,
+            "self_attn.k_norm.weight": layer.k_norm,
+        }
+        if rest in plain and plain[rest] is not None:
+            return plain[rest], None
+        module, kind = rest.rsplit(".", 1)
+        if module in fused and kind in ("weight", "bias"):
+            lin, rows = fused[module]
+            target = getattr(lin, kind)
+            if target is not None:
+                return target, rows
+        raise ValueError(f"unexpected weight {name!r} for {cfg.architecture}")
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named tensors into the fused parameters; every parameter must be covered."""
+        filled: dict[int, int] = {}
+        for name, tensor in weights:
+            if "rotary_emb" in name:
+                continue
+            target = self._targets(name)
+            if target is None:
+                continue
+            param, rows = target
+            dst = param.data if rows is None else param.data[rows]
+            if dst.shape != tensor.shape:
+                raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}")
+            dst.copy_(tensor)
+            filled[id(param)] = filled.get(id(param), 0) + tensor.numel()
+        missing = [n for n, p in self.named_parameters() if filled.get(id(p), 0) != p.numel()]
+        if missing:
+            raise ValueError(f"checkpoint is missing weights for: {', '.join(missing[:8])}"
+                             + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+
+
+def _rope_cache(cfg: ModelConfig) -> torch.Tensor:
+    """cos/sin per position, computed in float32 exactly as transformers does: [max_len, 2, D]."""
+    inv_freq = torch.tensor(cfg.rope_inv_freq, dtype=torch.float32)  # [D / 2]
+    freqs = torch.arange(cfg.max_model_len, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return torch.stack((emb.cos(), emb.sin()), dim=1) * cfg.rope_attention_scaling

@@ -1,0 +1,206 @@
+"""SamplingParams (user-facing, validated) and the batched sampler.
+
+The sampler works on one step's logits for every sequence that produces a token in that
+step. Randomness is drawn per row: a row with a `seed` draws from its own torch.Generator, so
+its tokens do not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+_GREEDY_EPS = 1e-5
+MAX_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding controls, shaped like vLLM's and OpenAI's."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1 or 0: disabled
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # HF-style, over prompt + output tokens
+    presence_penalty: float = 0.0  # OpenAI-style, over output tokens
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    max_tokens: int | None = 16  # None: up to the context length
+    ignore_eos: bool = False
+    logprobs: int | None = None  # top-k alternatives returned with every sampled token
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        # Accept a single string / list for stop like vLLM, store tuples (the object is frozen).
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        elif not isinstance(self.stop, tuple):
+            object.__setattr__(self, "stop", tuple(self.stop or ()))
+        if not isinstance(self.stop_token_ids, tuple):
+            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        self._validate()
+
+    def _validate(self) -> None:
+        checks = [
+            ("n", self.n, isinstance(self.n, int) and self.n >= 1, "an integer >= 1"),
+            ("temperature", self.temperature, 0.0 <= self.temperature <= 100.0, "in [0, 100]"),
+            ("top_p", self.top_p, 0.0 < self.top_p <= 1.0, "in (0, 1]"),
+            ("top_k", self.top_k, isinstance(self.top_k, int) and self.top_k >= -1, "-1, 0 (disabled) or >= 1"),
+            ("min_p", self.min_p, 0.0 <= self.min_p <= 1.0, "in [0, 1]"),
+            ("repetition_penalty", self.repetition_penalty, 0.0 < self.repetition_penalty <= 10.0, "in (0, 10]"),
+            ("presence_penalty", self.presence_penalty, -2.0 <= self.presence_penalty <= 2.0, "in [-2, 2]"),
+            ("frequency_penalty", self.frequency_penalty, -2.0 <= self.frequency_penalty <= 2.0, "in [-2, 2]"),
+            ("max_tokens", self.max_tokens, self.max_tokens is None or self.max_tokens >= 1, "None or >= 1"),
+            ("logprobs", self.logprobs, self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+             f"None or in [0, {MAX_LOGPROBS}]"),
+            ("prompt_logprobs", self.prompt_logprobs,
+             self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
+             f"None or in [0, {MAX_LOGPROBS}]"),
+            ("seed", self.seed, self.seed is None or isinstance(self.seed, int), "None or an integer"),
+            ("stop", self.stop, all(isinstance(s, str) and s for s in self.stop), "non-empty strings"),
+            ("stop_token_ids", self.stop_token_ids, all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+             "non-negative integers"),
+        ]
+        for name, value, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"{name}={value!r} is invalid: must be {allowed}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _GREEDY_EPS
+
+    @property
+    def needs_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+@dataclass(frozen=True)
+class Logprob:
+    logprob: float
+    rank: int  # 1 = the most likely token
+    decoded_token: str | None = None
+
+
+@dataclass
+class SamplerRow:
+    """What the sampler needs of one sequence for one step."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    # Per row: {token_id: Logprob} for the sampled token and the top-k alternatives, or None.
+    logprobs: list[dict[int, Logprob] | None] = field(default_factory=list)
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
+    """logits: [B, V] float32, modified in place for rows that ask for penalties."""
+    for i, row in enumerate(rows):
+        p = row.params
+        if not p.needs_penalties:
+            continue
+        vocab = logits.shape[1]
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(row.prompt_token_ids + row.output_token_ids, device=logits.device)
+            seen = seen[seen < vocab].unique()
+            vals = logits[i, seen]
+            logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if row.output_token_ids and (p.presence_penalty or p.frequency_penalty):
+            out = torch.tensor(row.output_token_ids, device=logits.device)
+            counts = torch.zeros(vocab, device=logits.device).index_add_(
+                0, out, torch.ones(len(out), device=logits.device))
+            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+    return logits
+
+
+def _mask_top_k_top_p_min_p(logits: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
+    """logits: [B, V] already divided by temperature. Returns logits with -inf outside the kept set."""
+    vocab = logits.shape[1]
+    top_k = [r.params.top_k if r.params.top_k > 0 else vocab for r in rows]
+    top_p = [r.params.top_p for r in rows]
+    min_p = [r.params.min_p for r in rows]
+    dev = logits.device
+    if any(p > 0 for p in min_p):
+        probs = logits.softmax(-1)
+        thresh = torch.tensor(min_p, device=dev)[:, None] * probs.max(-1, keepdim=True).values
+        logits = logits.masked_fill(probs < thresh, float("-inf"))
+    if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
+        sorted_logits, order = logits.sort(-1, descending=True)  # [B, V]
+        ranks = torch.arange(vocab, device=dev)[None, :]
+        drop = ranks >= torch.tensor(top_k, device=dev)[:, None]
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # Keep the smallest prefix whose mass reaches top_p (the token crossing it stays).
+        drop |= (cum - sorted_logits.softmax(-1)) >= torch.tensor(top_p, device=dev)[:, None]
+        drop[:, 0] = False
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
+    return logits
+
+
+def _random_sample(logits: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
+    """Exponential-race sampling: argmax(p / q), q ~ Exp(1), equals a draw from p. Seeded rows
+    draw q from their own generator, so their tokens do not depend on the rest of the batch."""
+    probs = logits.softmax(-1)
+    q = torch.empty_like(probs)
+    unseeded = [i for i, r in enumerate(rows) if r.generator is None]
+    if unseeded:
+        q[unseeded] = torch.empty_like(probs[unseeded]).exponential_()
+    for i, r in enumerate(rows):
+        if r.generator is not None:
+            q[i].exponential_(generator=r.generator)
+    return (probs / q).argmax(-1)
+
+
+def token_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: list[int]) -> list[dict[int, Logprob]]:
+    """logprobs: [N, V] log-softmax; token_ids: [N]; k[i] alternatives for row i."""
+    chosen = logprobs.gather(1, token_ids[:, None])  # [N, 1]
+    ranks = ((logprobs > chosen).sum(-1) + 1).tolist()
+    max_k = max(k) if k else 0
+    top_v, top_i = (logprobs.topk(max_k, -1) if max_k > 0 else (None, None))
+    chosen_l, ids = chosen[:, 0].tolist(), token_ids.tolist()
+    top_v_l = top_v.tolist() if top_v is not None else None
+    top_i_l = top_i.tolist() if top_i is not None else None
+    out: list[dict[int, Logprob]] = []
+    for i in range(len(ids)):
+        entry = {}
+        for j in range(k[i]):
+            entry[top_i_l[i][j]] = Logprob(top_v_l[i][j], j + 1)
+        entry[ids[i]] = Logprob(chosen_l[i], ranks[i])
+        out.append(entry)
+    return out
+
+
+class Sampler:
+    """Turns a step's logits [B, V] into one token per row."""
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplerRow]) -> SamplerOutput:
+        logits = logits.float()
+        raw = logits
+        if any(r.params.needs_penalties for r in rows):
+            logits = apply_penalties(logits.clone(), rows)
+        tokens = logits.argmax(-1)  # greedy rows keep this
+        rand = [i for i, r in enumerate(rows) if not r.params.greedy]
+        if rand:
+            sub_rows = [rows[i] for i in rand]
+            temps = torch.tensor([r.params.temperature for r in sub_rows], device=logits.device)[:, None]
+            sub = _mask_top_k_top_p_min_p(logits[rand] / temps, sub_rows)
+            tokens[rand] = _random_sample(sub, sub_rows)
+        want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        logprobs: list[dict[int, Logprob] | None] = [None] * len(rows)
+        if want:
+            lp = raw[want].log_softmax(-1)
+            for i, entry in zip(want, token_logprobs(lp, tokens[want], [rows[i].params.logprobs for i in want])):
+                logprobs[i] = entry
+        return SamplerOutput(token_ids=tokens.tolist(), logprobs=logprobs)

@@ -1,0 +1,149 @@
+"""Continuous batching: every step, decide which tokens of which sequences to compute.
+
+There is one rule for prefill and decode alike: a sequence has `num_tokens - num_computed`
+tokens left to compute (its prompt, a recompute after preemption, or the token just sampled),
+and each step spends a token budget on them. Running sequences go first, in arrival order;
+then waiting ones are admitted while budget, blocks and `max_num_seqs` allow. A prompt longer
+than the remaining budget is computed in chunks over several steps. When blocks run out, the
+most recently arrived running sequence is preempted: its blocks are freed and it recomputes
+later (its full blocks may still be in the prefix cache by then).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from lmq.block_manager import BlockManager
+from lmq.config import SchedulerConfig
+from lmq.sequence import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    seq: Sequence
+    start: int  # first position computed this step (== num_computed_tokens when scheduled)
+    num_new_tokens: int
+    block_table: list[int]
+
+    @property
+    def samples(self) -> bool:
+        """The chunk reaches the sequence's last token, so this step produces its next token."""
+        return self.start + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass(frozen=True)
+class ScheduledBatch:
+    seqs: list[ScheduledSeq]
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.seqs)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.blocks = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def add_running(self, seq: Sequence) -> None:
+        """A forked sample: its blocks were shared by `BlockManager.fork`."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a finished or aborted sequence out and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq.seq_id)
+
+    # -- scheduling ----------------------------------------------------------------------------
+    def schedule(self) -> ScheduledBatch:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledSeq] = []
+        preempted: list[Sequence] = []
+        queue = list(self.running)
+        while queue and budget > 0:
+            seq = queue.pop(0)
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.blocks.can_allocate(seq.seq_id, seq.num_computed_tokens + n):
+                victim = queue.pop() if queue else seq
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                scheduled.append(self._grant(seq, n))
+                budget -= n
+        if not preempted:
+            budget = self._admit_waiting(scheduled, budget)
+        return ScheduledBatch(scheduled, preempted)
+
+    def _admit_waiting(self, scheduled: list[ScheduledSeq], budget: int) -> int:
+        while self.waiting and budget > 0:
+            seq = self.waiting[0]
+            # A request of n samples will fork into n running sequences once its prompt is in.
+            if len(self.running) + (seq.params.n if seq.request.needs_fork else 1) > self.config.max_num_seqs:
+                break
+            cached: list[int] = []
+            if seq.num_computed_tokens == 0 and seq.params.prompt_logprobs is None:
+                cached = self.blocks.find_cached_prefix(seq.token_ids)
+            num_cached = len(cached) * self.blocks.block_size
+            n = min(seq.num_tokens - num_cached, budget)
+            if not self.blocks.can_allocate(seq.seq_id, num_cached + n, cached):
+                break
+            self.waiting.popleft()
+            self.blocks.record_prefix_lookup(seq.num_tokens, num_cached)
+            self.blocks.allocate(seq.seq_id, num_cached + n, cached)
+            seq.num_computed_tokens = num_cached
+            seq.num_cached_tokens = num_cached
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append(ScheduledSeq(seq, num_cached, n, list(self.blocks.block_table(seq.seq_id))))
+            budget -= n
+        return budget
+
+    def _grant(self, seq: Sequence, n: int) -> ScheduledSeq:
+        self.blocks.allocate(seq.seq_id, seq.num_computed_tokens + n)
+        return ScheduledSeq(seq, seq.num_computed_tokens, n, list(self.blocks.block_table(seq.seq_id)))
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Preemption by recompute: drop the KV, keep the tokens, go back to the waiting front."""
+        self.running.remove(seq)
+        self.blocks.free(seq.seq_id)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def on_step_done(self, batch: ScheduledBatch) -> None:
+        """Advance computed counts and register newly full blocks in the prefix cache."""
+        for s in batch.seqs:
+            seq = s.seq
+            seq.num_computed_tokens = s.start + s.num_new_tokens
+            if seq.seq_id in self.blocks.tables:
+                self.blocks.cache_full_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
+
+    def kv_slot_usage(self) -> tuple[int, int]:
+        """(slots allocated to running sequences, slots holding computed tokens)."""
+        allocated = sum(len(self.blocks.block_table(s.seq_id)) for s in self.running) * self.blocks.block_size
+        used = sum(s.num_computed_tokens for s in self.running)
+        return allocated, used

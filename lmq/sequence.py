@@ -1,0 +1,128 @@
+"""One request's state (a `Request` of n `Sequence`s) and the user-facing output types."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from lmq.sampling import Logprob, SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    """One sample of a request: its tokens and how far the KV cache has computed them.
+
+    `num_computed_tokens` counts tokens whose K/V are in this sequence's blocks; the
+    tokens `token_ids[num_computed_tokens:]` are what the next steps compute (a prompt
+    chunk, a recompute after preemption, or the one token a decode step feeds back).
+    """
+
+    seq_id: int
+    request: Request
+    sample_index: int
+    token_ids: list[int]
+    num_prompt_tokens: int
+    num_computed_tokens: int = 0
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+    generator: torch.Generator | None = None
+    logprobs: list[dict[int, Logprob]] = field(default_factory=list)
+    text: str = ""
+    # Incremental detokenizer state (see Detokenizer).
+    prefix_offset: int = 0
+    read_offset: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at admission
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
+        self.status = SequenceStatus.FINISHED
+        self.finish_reason = reason
+        self.stop_reason = stop_reason
+
+
+@dataclass
+class Request:
+    """A prompt and its n samples. Sample 0 computes the prompt; the others fork from it
+    once the prompt is in the cache, sharing its full KV blocks."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+    seqs: list[Sequence] = field(default_factory=list)
+    prompt_logprobs: list[dict[int, Logprob] | None] = field(default_factory=list)
+    first_token_time: float | None = None
+
+    @property
+    def is_finished(self) -> bool:
+        return len(self.seqs) == self.params.n and all(s.is_finished for s in self.seqs)
+
+    @property
+    def needs_fork(self) -> bool:
+        return self.params.n > 1 and len(self.seqs) == 1
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    stop_reason: int | str | None = None
+    logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    num_cached_tokens: int = 0
+
+    @staticmethod
+    def from_request(req: Request) -> RequestOutput:
+        outs = []
+        for s in req.seqs:
+            lps = s.logprobs if req.params.logprobs is not None else None
+            cum = None
+            if lps is not None:
+                cum = sum(lp[t].logprob for lp, t in zip(lps, s.output_token_ids))
+            outs.append(CompletionOutput(s.sample_index, s.text, list(s.output_token_ids), s.finish_reason,
+                                         s.stop_reason, lps, cum))
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.is_finished,
+                             req.prompt_logprobs if req.params.prompt_logprobs is not None else None,
+                             req.seqs[0].num_cached_tokens if req.seqs else 0)

@@ -1,0 +1,99 @@
+"""CUDA graphs for decode-only steps.
+
+A decode step of B sequences whose block tables span nb blocks is padded to a bucket
+(B_pad, nb_pad) and replayed from a graph captured once per bucket. Inputs live in static
+buffers; padded rows write their K/V to the runner's scratch block and attend only to it.
+Graphs share one memory pool: only one replays at a time and its logits are consumed (sampled)
+before the next step.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import TYPE_CHECKING
+
+import torch
+
+from lmq.attention import AttentionMetadata
+
+if TYPE_CHECKING:
+    from torch_engine.model_runner import ModelInput, ModelRunner
+
+
+def _buckets(limit: int, small: tuple[int, ...]) -> list[int]:
+    out = [b for b in small if b < limit]
+    b = small[-1] * 2 if small else 1
+    while b < limit:
+        out.append(b)
+        b *= 2
+    return sorted(set(out + [limit]))
+
+
+class DecodeGraphs:
+    def __init__(self, runner: ModelRunner, max_batch: int, max_blocks: int) -> None:
+        self.runner = runner
+        self.batch_buckets = _buckets(max_batch, (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128))
+        self.block_buckets = _buckets(max_blocks, (1, 2, 4, 8))
+        dev = runner.device
+        mb, mbl = self.batch_buckets[-1], self.block_buckets[-1]
+        self.token_ids = torch.zeros(mb, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(mb, dtype=torch.int64, device=dev)
+        self.slots = torch.zeros(mb, dtype=torch.int64, device=dev)
+        self.context_lens = torch.ones(mb, dtype=torch.int64, device=dev)
+        self.block_tables = torch.zeros(mb, mbl, dtype=torch.int64, device=dev)
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+
+    def run(self, inp: ModelInput) -> torch.Tensor:
+        """Replays (capturing on first use) the bucket's graph; returns logits [B, V] float32."""
+        meta = inp.meta
+        b, nb = meta.decode_block_tables.shape
+        bp = self.batch_buckets[bisect.bisect_left(self.batch_buckets, b)]
+        nbp = self.block_buckets[bisect.bisect_left(self.block_buckets, max(nb, 1))]
+        scratch = self.runner.scratch_block
+        self.token_ids[:b].copy_(inp.token_ids)
+        self.positions[:b].copy_(inp.positions)
+        self.slots[:b].copy_(meta.slot_mapping)
+        self.context_lens[:b].copy_(meta.decode_context_lens)
+        self.block_tables[:b, :nb].copy_(meta.decode_block_tables)
+        self.block_tables[:b, nb:nbp].fill_(scratch)
+        # Padded rows: position 0 in the scratch block, attending to that one slot.
+        self.token_ids[b:bp].zero_()
+        self.positions[b:bp].zero_()
+        self.slots[b:bp].fill_(scratch * self.runner.block_size)
+        self.context_lens[b:bp].fill_(1)
+        self.block_tables[b:bp, :nbp].fill_(scratch)
+        key = (bp, nbp)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(bp, nbp)
+        graph, logits = self.graphs[key]
+        graph.replay()
+        return logits[:b]
+
+    def _forward(self, bp: int, nbp: int) -> torch.Tensor:
+        empty = self.token_ids.new_zeros(0)
+        meta = AttentionMetadata(
+            slot_mapping=self.slots[:bp],
+            num_decode_tokens=bp,
+            decode_block_tables=self.block_tables[:bp, :nbp],
+            decode_context_lens=self.context_lens[:bp],
+            prefill_block_tables=empty.view(0, 0),
+            prefill_pad_index=empty.view(0, 0),
+            prefill_query_pos=empty.view(0, 0),
+            prefill_unpad_index=empty,
+        )
+        model = self.runner.model
+        hidden = model(self.token_ids[:bp], self.positions[:bp], self.runner.kv_caches, meta)
+        return model.compute_logits(hidden)
+
+    def _capture(self, bp: int, nbp: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        stream = torch.cuda.Stream(self.runner.device)
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._forward(bp, nbp)  # warm-up: kernels chosen, workspaces allocated outside capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._forward(bp, nbp)
+        self.pool = graph.pool()
+        return graph, logits

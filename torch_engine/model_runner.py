@@ -1,0 +1,185 @@
+"""Runs one scheduled step through the model: builds the flat token batch and its attention
+metadata, owns the KV cache, and replays CUDA graphs for decode-only steps on a GPU."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+from lmq.attention import AttentionMetadata
+from lmq.config import EngineConfig, ModelConfig
+from lmq.models import ARCHITECTURES
+from lmq.sampling import SamplingParams
+from lmq.scheduler import ScheduledBatch, ScheduledSeq
+from lmq.sequence import Request, Sequence
+from lmq.weights import iterate_weights
+from torch_engine.cuda_graph import DecodeGraphs
+
+log = logging.getLogger("lmq")
+
+
+@dataclass
+class ModelOutput:
+    sample_logits: torch.Tensor  # [Ns, V] float32: one row per scheduled seq that samples, in batch order
+    prompt_logits: dict[int, torch.Tensor]  # seq_id -> [n, V]: rows predicting the next prompt token
+
+
+@dataclass
+class ModelInput:
+    token_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    meta: AttentionMetadata
+    order: list[ScheduledSeq]  # decodes first, then prefills: the flat layout
+    offsets: list[int]  # start of each entry of `order` in the flat layout
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def load_model(cfg: ModelConfig, ops: ModuleType, device: str) -> torch.nn.Module:
+    """Build the model directly on `device` in its dtype and fill it from the checkpoint."""
+    with torch.device(device), _default_dtype(cfg.dtype):
+        model = ARCHITECTURES[cfg.architecture](cfg, ops)
+    model.load_weights(iterate_weights(cfg.path))
+    return model.to(cfg.dtype).eval()
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, ops: ModuleType) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        self.block_size = config.cache.block_size
+        self.model = load_model(config.model, ops, config.device)
+        self.kv_caches: torch.Tensor | None = None
+        self.graphs: DecodeGraphs | None = None
+
+    # -- KV cache ------------------------------------------------------------------------------
+    def block_bytes(self) -> int:
+        return self.config.model.kv_bytes_per_token * self.block_size
+
+    def profile_num_blocks(self) -> int:
+        """Blocks that fit: free GPU memory after a peak-size forward, or the CPU byte budget."""
+        cache = self.config.cache
+        if self.device.type != "cuda":
+            return max(int(cache.kv_cache_gb * 2**30) // self.block_bytes(), 1)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._profile_forward()
+        free, total = torch.cuda.mem_get_info(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        non_torch = total - free - torch.cuda.memory_reserved(self.device)
+        # Headroom for sampling (sort/softmax over [max_num_seqs, vocab] float32 rows) and graphs.
+        sampler = 4 * self.config.scheduler.max_num_seqs * self.config.model.vocab_size * 4
+        available = total * cache.gpu_memory_utilization - peak - non_torch - sampler
+        return max(int(available) // self.block_bytes(), 1)
+
+    def _profile_forward(self) -> None:
+        t = min(self.config.scheduler.max_num_batched_tokens, self.config.model.max_model_len)
+        nb = -(-t // self.block_size)
+        self.allocate_kv_cache(nb)
+        req = Request("profile", None, [0] * t, SamplingParams())
+        seq = Sequence(-1, req, 0, [0] * t, t)
+        self.execute(ScheduledBatch([ScheduledSeq(seq, 0, t, list(range(nb)))]))
+        self.kv_caches = None
+        torch.cuda.synchronize(self.device)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        """[L, 2, num_blocks + 1, block_size, Hkv, D]; the extra last block is scratch space that
+        padded rows of a CUDA graph write to."""
+        m = self.config.model
+        self.kv_caches = torch.zeros(m.num_layers, 2, num_blocks + 1, self.block_size, m.num_kv_heads,
+                                     m.head_dim, dtype=m.dtype, device=self.device)
+        self.scratch_block = num_blocks
+        if self.device.type == "cuda" and self.config.enable_cuda_graph:
+            self.graphs = DecodeGraphs(self, self.config.scheduler.max_num_seqs,
+                                       -(-m.max_model_len // self.block_size))
+
+    # -- one step ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> ModelOutput:
+        inp = self.prepare(batch)
+        decode_only = inp.meta.num_prefill_seqs == 0
+        wants_prompt = any(s.seq.params.prompt_logprobs is not None for s in inp.order if s.start < s.seq.num_prompt_tokens - 1)
+        if self.graphs is not None and decode_only and not wants_prompt:
+            logits = self.graphs.run(inp)  # [Bd, V]; all decodes, so `order` is the batch order
+            return ModelOutput(logits[[i for i, s in enumerate(inp.order) if s.samples]], {})
+        hidden = self.model(inp.token_ids, inp.positions, self.kv_caches, inp.meta)  # [T, hidden]
+        return self._logits(batch, inp, hidden)
+
+    def _logits(self, batch: ScheduledBatch, inp: ModelInput, hidden: torch.Tensor) -> ModelOutput:
+        where = {id(s): off for s, off in zip(inp.order, inp.offsets)}
+        sample_rows = [where[id(s)] + s.num_new_tokens - 1 for s in batch.seqs if s.samples]
+        prompt_rows: dict[int, list[int]] = {}
+        for s, off in zip(inp.order, inp.offsets):
+            if s.seq.params.prompt_logprobs is None:
+                continue
+            last = min(s.start + s.num_new_tokens, s.seq.num_prompt_tokens - 1)  # positions < P - 1
+            if last > s.start:
+                prompt_rows[s.seq.seq_id] = list(range(off, off + last - s.start))
+        rows = sample_rows + [r for rs in prompt_rows.values() for r in rs]
+        logits = self.model.compute_logits(hidden[rows]) if rows else hidden.new_zeros(0, 1).float()
+        out, k = {}, len(sample_rows)
+        for seq_id, rs in prompt_rows.items():
+            out[seq_id] = logits[k:k + len(rs)]
+            k += len(rs)
+        return ModelOutput(logits[:len(sample_rows)], out)
+
+    def prepare(self, batch: ScheduledBatch) -> ModelInput:
+        bs = self.block_size
+        decodes = [s for s in batch.seqs if s.num_new_tokens == 1]
+        prefills = [s for s in batch.seqs if s.num_new_tokens > 1]
+        order = decodes + prefills
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        offsets: list[int] = []
+        for s in order:
+            offsets.append(len(ids))
+            p = range(s.start, s.start + s.num_new_tokens)
+            ids.extend(s.seq.token_ids[s.start:s.start + s.num_new_tokens])
+            pos.extend(p)
+            slots.extend(s.block_table[i // bs] * bs + i % bs for i in p)
+        dev = self.device
+        max_q = max((s.num_new_tokens for s in prefills), default=0)
+        pad_index, query_pos, unpad = [], [], []
+        for i, s in enumerate(prefills):
+            off = offsets[len(decodes) + i] - len(decodes)
+            js = [min(j, s.num_new_tokens - 1) for j in range(max_q)]
+            pad_index.append([off + j for j in js])
+            query_pos.append([s.start + j for j in js])
+            unpad.extend(i * max_q + j for j in range(s.num_new_tokens))
+
+        def t(x: list) -> torch.Tensor:
+            return torch.tensor(x, dtype=torch.int64, device=dev)
+
+        meta = AttentionMetadata(
+            slot_mapping=t(slots),
+            num_decode_tokens=len(decodes),
+            decode_block_tables=self._block_tables(decodes),
+            decode_context_lens=t([s.start + 1 for s in decodes]),
+            prefill_block_tables=self._block_tables(prefills),
+            prefill_pad_index=t(pad_index).view(len(prefills), max_q),
+            prefill_query_pos=t(query_pos).view(len(prefills), max_q),
+            prefill_unpad_index=t(unpad),
+        )
+        return ModelInput(t(ids), t(pos), meta, order, offsets)
+
+    def _block_tables(self, seqs: list[ScheduledSeq]) -> torch.Tensor:
+        """[B, nb] padded with the scratch block; nb covers each seq's positions up to this step."""
+        bs = self.block_size
+        nb = max((-(-(s.start + s.num_new_tokens) // bs) for s in seqs), default=0)
+        pad = getattr(self, "scratch_block", 0)
+        rows = [s.block_table[:nb] + [pad] * (nb - min(len(s.block_table), nb)) for s in seqs]
+        return torch.tensor(rows, dtype=torch.int64, device=self.device).view(len(seqs), nb)

@@ -1,0 +1,94 @@
+"""The ops interface in plain torch: what every model file calls, and the oracle that the
+turbomind kernels are tested against. The arithmetic follows transformers' Llama code
+(float32 RMSNorm statistics, rotate-half rotary) so float32 results match it closely.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lmq.attention import AttentionMetadata
+
+
+def embedding(token_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """token_ids: [T] -> [T, hidden]"""
+    return F.embedding(token_ids, weight)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [T, in], weight: [out, in] -> [T, out]"""
+    return F.linear(x, weight, bias)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (normed, new_residual). With `residual`, x + residual is normed and becomes the
+    new residual (the pre-norm decoder's add-then-norm); without, x itself is the residual."""
+    if residual is not None:
+        x = x + residual
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype), x
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x: [T, 2 * I] (gate | up) -> [T, I]"""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+           cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: [T, H, D], k: [T, Hkv, D], cos_sin: [max_len, 2, D] in the model dtype."""
+    cs = cos_sin[positions]  # [T, 2, D]
+    cos, sin = cs[:, 0, None, :], cs[:, 1, None, :]  # [T, 1, D]
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """k, v: [T, Hkv, D]; caches: [num_blocks, block_size, Hkv, D]."""
+    k_cache.view(-1, *k.shape[1:])[slot_mapping] = k
+    v_cache.view(-1, *v.shape[1:])[slot_mapping] = v
+
+
+def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """[num_blocks, bs, Hkv, D] by [B, nb] -> [B, Hkv, nb * bs, D]"""
+    b, nb = block_tables.shape
+    g = cache[block_tables]  # [B, nb, bs, Hkv, D]
+    return g.view(b, nb * cache.shape[1], *cache.shape[2:]).transpose(1, 2)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              meta: AttentionMetadata, scale: float, window: int | None = None) -> torch.Tensor:
+    """Causal attention of the step's queries over the blocked cache.
+
+    q: [T, H, D]; k, v: [T, Hkv, D] (this step's, written to the cache first) -> [T, H, D]
+    """
+    write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    block_size, nd = k_cache.shape[1], meta.num_decode_tokens
+    out = torch.empty_like(q)
+    if nd:
+        # GQA without repeating K/V: the G query heads sharing a KV head become G "query rows"
+        # of that head, all at the same position, so one [Bd, 1, 1, L] mask serves them all.
+        bd, h, d = q[:nd].shape
+        hkv = k_cache.shape[2]
+        qg = q[:nd].view(bd, hkv, h // hkv, d)  # [Bd, Hkv, G, D]
+        o = F.scaled_dot_product_attention(
+            qg, _gather(k_cache, meta.decode_block_tables), _gather(v_cache, meta.decode_block_tables),
+            attn_mask=meta.decode_mask(block_size, window), scale=scale)
+        out[:nd] = o.reshape(bd, h, d)
+    if meta.num_prefill_seqs:
+        qp = q[nd:][meta.prefill_pad_index].transpose(1, 2)  # [Bp, H, max_q, D]
+        o = F.scaled_dot_product_attention(
+            qp, _gather(k_cache, meta.prefill_block_tables), _gather(v_cache, meta.prefill_block_tables),
+            attn_mask=meta.prefill_mask(block_size, window), scale=scale, enable_gqa=True)
+        o = o.transpose(1, 2).reshape(-1, *q.shape[1:])  # [Bp * max_q, H, D]
+        out[nd:] = o[meta.prefill_unpad_index]
+    return out
