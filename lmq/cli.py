@@ -1,0 +1,134 @@
+"""The `lmq` command: `lmq generate PROMPT` and `lmq chat` (more subcommands come with the server)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from lmq.config import BACKENDS
+from lmq.sampling import SamplingParams
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and engine")
+    g.add_argument("--model", default=None,
+                   help="HF folder or .gguf file (default: the built-in SmolLM2-135M-Instruct)")
+    g.add_argument("--backend", choices=BACKENDS, default="auto", help="engine (default: auto)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: the checkpoint's dtype on a GPU, float32 on CPU")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
+    g.add_argument("--num-kv-blocks", type=int, default=None, help="fix the KV block count instead of sizing it")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="share of GPU memory for weights, activations and KV cache (default: 0.9)")
+    g.add_argument("--kv-cache-gb", type=float, default=2.0, help="KV cache size on CPU in GiB (default: 2)")
+    g.add_argument("--max-num-seqs", type=int, default=256, help="sequences per step (default: 256)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="token budget per step; longer prompts are prefilled in chunks")
+    g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    g.add_argument("--no-prefix-caching", action="store_true", help="disable automatic prefix caching")
+
+
+def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens to generate (default: {max_tokens})")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=-1)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _llm(args: argparse.Namespace):
+    from lmq.llm import LLM
+
+    return LLM(args.model, backend=args.backend, dtype=args.dtype, device=args.device, block_size=args.block_size,
+               num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
+               kv_cache_gb=args.kv_cache_gb, max_num_seqs=args.max_num_seqs,
+               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+               enable_prefix_caching=not args.no_prefix_caching)
+
+
+def _params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          seed=args.seed, stop=tuple(args.stop))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    llm = _llm(args)
+    params = _params(args)
+    for prompt in args.prompt:
+        ids = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if args.chat_template \
+            else prompt
+        for delta in llm.stream(ids, params):
+            print(delta, end="", flush=True)
+        print()
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    llm = _llm(args)
+    params = _params(args)
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    print("lmq chat: type a message; /reset clears the history, /exit or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        history.append({"role": "user", "content": line})
+        reply = []
+        try:
+            for delta in llm.stream(llm.tokenizer.apply_chat_template(history), params):
+                reply.append(delta)
+                print(delta, end="", flush=True)
+        except KeyboardInterrupt:
+            pass  # stop this answer, keep the session
+        print()
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmq", description="lmq: LLM serving toolkit. With no --model, the built-in SmolLM2-135M-Instruct.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    gen = sub.add_parser("generate", help="complete one or more prompts and print the text",
+                         description="Complete prompts with the model, streaming the text.")
+    gen.add_argument("prompt", nargs="+", help="prompt text (several prompts run one after another)")
+    gen.add_argument("--chat-template", action="store_true", help="wrap each prompt as a user chat message")
+    _engine_args(gen)
+    _sampling_args(gen, max_tokens=128)
+    gen.set_defaults(func=cmd_generate)
+    chat = sub.add_parser("chat", help="interactive chat in the terminal, streaming the answers",
+                          description="Interactive chat with history, through the model's chat template.")
+    chat.add_argument("--system", default=None, help="system prompt")
+    _engine_args(chat)
+    _sampling_args(chat, max_tokens=512)
+    chat.set_defaults(func=cmd_chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"lmq: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Fixtures: tiny random HF models (hidden 64, 2 layers) with a small byte-level BPE tokenizer,
+built fresh per test session, and helpers comparing lmq with transformers."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+# Fresh random weights and inputs every run; the header prints the seed to replay a failure.
+SEED = int(os.environ.get("LMQ_TEST_SEED", random.randrange(2**31)))
+VOCAB = 384  # model vocab; the tokenizer uses the first ~300 ids
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "What is the capital of France? The capital of France is Paris.",
+    "lmq serves many fine-tuned variants of one model, with images, on your own GPUs.",
+    "Blocked KV caches, continuous batching and chunked prefill keep the GPU busy.",
+] * 20
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.1, rms_norm_eps=1e-6,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0)
+ARCHS = {
+    # GQA, tied embeddings, llama3 rope scaling
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 128})),
+    # qkv bias, untied
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=False)),
+    # sliding window shorter than the longer prompts, untied
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(tie_word_embeddings=False, sliding_window=48)),
+    # per-head q/k norm, head_dim independent of hidden size
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(tie_word_embeddings=True, head_dim=32)),
+}
+
+
+def pytest_report_header() -> str:
+    return f"lmq test seed: LMQ_TEST_SEED={SEED}"
+
+
+def make_tokenizer(folder: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    fast.chat_template = CHATML
+    fast.save_pretrained(folder)
+
+
+def make_model(folder: Path, arch: str, seed: int = 0, **overrides: object) -> Path:
+    import transformers
+
+    cfg_name, model_name, extra = ARCHS[arch]
+    cfg = getattr(transformers, cfg_name)(**{**BASE, **extra, **overrides})
+    torch.manual_seed(SEED + seed)
+    model = getattr(transformers, model_name)(cfg).eval()
+    model.save_pretrained(folder)
+    make_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {a: make_model(root / a, a, seed=i) for i, a in enumerate(ARCHS)}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _lmq_home(tmp_path_factory: pytest.TempPathFactory) -> None:
+    # Keep the converted default model where later test runs find it, but never in the repo.
+    os.environ.setdefault("LMQ_HOME", str(Path.home() / ".cache" / "lmq"))
+
+
+def hf_greedy(folder: Path, prompts: list[list[int]], max_new_tokens: int, dtype: torch.dtype = torch.float32,
+              device: str = "cpu") -> list[list[int]]:
+    """transformers' greedy generate, one prompt at a time (no padding), never stopping early."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    model.generation_config.eos_token_id = None  # generate exactly max_new_tokens, EOS included
+    outs = []
+    for p in prompts:
+        ids = torch.tensor([p], device=device)
+        gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
+                             pad_token_id=0)
+        outs.append(gen[0, len(p):].tolist())
+    return outs
+
+
+def random_prompts(n: int, lengths: list[int], seed: int, vocab: int = VOCAB) -> list[list[int]]:
+    g = torch.Generator().manual_seed(SEED + seed)
+    return [torch.randint(3, vocab, (lengths[i % len(lengths)],), generator=g).tolist() for i in range(n)]
