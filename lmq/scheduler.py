@@ -5,8 +5,9 @@ tokens left to compute (its prompt, a recompute after preemption, or the token j
 and each step spends a token budget on them. Running sequences go first, in arrival order;
 then waiting ones are admitted while budget, blocks and `max_num_seqs` allow. A prompt longer
 than the remaining budget is computed in chunks over several steps. When blocks run out, the
-most recently arrived running sequence is preempted: its blocks are freed and it recomputes
-later (its full blocks may still be in the prefix cache by then).
+most recently started running sequence is preempted: its blocks are freed and it recomputes
+later (its full blocks may still be in the prefix cache by then). The victim is the sequence
+that joined the running list last (a forked sample joins when its request forks).
 """
 
 from __future__ import annotations
@@ -98,11 +99,15 @@ class Scheduler:
         return ScheduledBatch(scheduled, preempted)
 
     def _admit_waiting(self, scheduled: list[ScheduledSeq], budget: int) -> int:
+        # A request of n samples forks into n running sequences once its prompt is in: count
+        # the forks still to come of running requests and of the one being admitted.
+        pending = sum(s.params.n - 1 for s in self.running if s.request.needs_fork)
         while self.waiting and budget > 0:
             seq = self.waiting[0]
-            # A request of n samples will fork into n running sequences once its prompt is in.
-            if len(self.running) + (seq.params.n if seq.request.needs_fork else 1) > self.config.max_num_seqs:
+            width = seq.params.n if seq.request.needs_fork else 1
+            if len(self.running) + pending + width > self.config.max_num_seqs:
                 break
+            pending += width - 1
             cached: list[int] = []
             if seq.num_computed_tokens == 0 and seq.params.prompt_logprobs is None:
                 cached = self.blocks.find_cached_prefix(seq.token_ids)
@@ -114,7 +119,8 @@ class Scheduler:
             self.blocks.record_prefix_lookup(seq.num_tokens, num_cached)
             self.blocks.allocate(seq.seq_id, num_cached + n, cached)
             seq.num_computed_tokens = num_cached
-            seq.num_cached_tokens = num_cached
+            if seq.num_tokens == seq.num_prompt_tokens:  # first admission, not a re-admission after preemption
+                seq.num_cached_tokens = num_cached
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, num_cached, n, list(self.blocks.block_table(seq.seq_id))))

@@ -86,12 +86,17 @@ class ModelRunner:
         return max(int(available) // self.block_bytes(), 1)
 
     def _profile_forward(self) -> None:
-        t = min(self.config.scheduler.max_num_batched_tokens, self.config.model.max_model_len)
-        nb = -(-t // self.block_size)
-        self.allocate_kv_cache(nb)
-        req = Request("profile", None, [0] * t, SamplingParams())
-        seq = Sequence(-1, req, 0, [0] * t, t)
-        self.execute(ScheduledBatch([ScheduledSeq(seq, 0, t, list(range(nb)))]))
+        """One step at the token budget, as prompts of at most max_model_len tokens each."""
+        budget, max_len = self.config.scheduler.max_num_batched_tokens, self.config.model.max_model_len
+        lens = [max_len] * (budget // max_len) + ([budget % max_len] if budget % max_len else [])
+        blocks_per_seq = -(-max(lens) // self.block_size)
+        self.allocate_kv_cache(blocks_per_seq * len(lens))
+        scheduled = []
+        for i, n in enumerate(lens):
+            seq = Sequence(-1 - i, Request("profile", None, [0] * n, SamplingParams()), 0, [0] * n, n)
+            table = list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq))
+            scheduled.append(ScheduledSeq(seq, 0, n, table))
+        self.execute(ScheduledBatch(scheduled))
         self.kv_caches = None
         torch.cuda.synchronize(self.device)
 

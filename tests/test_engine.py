@@ -1,0 +1,99 @@
+"""LLMEngine behaviour: abort frees blocks at once, request validation, streaming, the LLM API."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import random_prompts
+from lmq import LLM, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_models) -> LLM:
+    return LLM(str(tiny_models["llama"]), device="cpu", block_size=8, num_kv_blocks=200,
+               max_num_batched_tokens=64)
+
+
+def _idle(llm: LLM) -> None:
+    bm = llm.engine.block_manager
+    bm.check_integrity()
+    assert bm.num_free_blocks == bm.num_blocks
+    assert not llm.engine.scheduler.running and not llm.engine.scheduler.waiting
+
+
+def test_abort_mid_prefill_and_mid_decode_frees_blocks(llm):
+    eng = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
+    prompts = random_prompts(4, [150, 20, 90, 5], seed=31)
+    for i, p in enumerate(prompts):
+        eng.add_request(f"a{i}", p, params)
+    eng.step()  # the 150-token prompt is mid-prefill (budget 64), nothing else ran yet
+    assert eng.block_manager.num_free_blocks < eng.block_manager.num_blocks
+    out = eng.abort("a0")
+    assert out.outputs[0].finish_reason == "abort" and out.finished
+    for _ in range(6):
+        eng.step()
+    outs = [eng.abort(f"a{i}") for i in (1, 2, 3)]
+    assert all(o.outputs[0].finish_reason == "abort" for o in outs)
+    assert eng.abort("a1") is None  # already gone
+    _idle(llm)
+    assert not eng.has_unfinished()
+
+
+def test_validation_names_field_limit_and_value(llm):
+    eng = llm.engine
+    with pytest.raises(ValueError, match=r"prompt \(1020 tokens\) \+ max_tokens \(10\) = 1030 exceeds .*1024"):
+        eng.add_request("v0", [5] * 1020, SamplingParams(max_tokens=10))
+    with pytest.raises(ValueError, match="prompt is empty"):
+        eng.add_request("v1", [], SamplingParams())
+    with pytest.raises(ValueError, match=r"token id 99999 is out of range \[0, 384\)"):
+        eng.add_request("v2", [5, 99999], SamplingParams())
+    with pytest.raises(ValueError, match="n=1000 exceeds max_num_seqs=256"):
+        eng.add_request("v3", [5], SamplingParams(n=1000))
+    eng.add_request("v4", [5, 6], SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match="request_id='v4' is already in use"):
+        eng.add_request("v4", [5, 6], SamplingParams())
+    eng.abort("v4")
+    _idle(llm)
+
+
+def test_failed_batch_submission_leaves_nothing_behind(llm):
+    with pytest.raises(ValueError):
+        llm.generate([[5, 6, 7], [5] * 2000], SamplingParams(max_tokens=4))
+    _idle(llm)
+
+
+def test_stream_deltas_equal_generate_text(llm):
+    prompt = "The capital of France is"
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    whole = llm.generate(prompt, params)[0].outputs[0].text
+    assert "".join(llm.stream(prompt, params)) == whole
+    _idle(llm)
+
+
+def test_generate_accepts_text_ids_and_per_prompt_params(llm):
+    outs = llm.generate(["Hello there", [5, 6, 7]], [SamplingParams(max_tokens=3), SamplingParams(max_tokens=5)])
+    assert [len(o.outputs[0].token_ids) for o in outs] == [3, 5]
+    assert outs[0].prompt_token_ids == llm.tokenizer.encode("Hello there")
+    assert outs[1].prompt_token_ids == [5, 6, 7]
+    assert all(o.outputs[0].finish_reason in ("stop", "length") for o in outs)
+    with pytest.raises(ValueError, match="got 1 SamplingParams for 2 prompts"):
+        llm.generate(["a", "b"], [SamplingParams()])
+    _idle(llm)
+
+
+def test_chat_applies_the_template(llm):
+    conv = [{"role": "user", "content": "Hello"}]
+    out = llm.chat([conv, conv], SamplingParams(temperature=0.0, max_tokens=4))
+    expected = llm.tokenizer.encode("<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n")
+    assert out[0].prompt_token_ids == expected == out[1].prompt_token_ids
+    assert out[0].outputs[0].token_ids == out[1].outputs[0].token_ids
+
+
+def test_backend_choice(tiny_models):
+    with pytest.raises(ValueError, match="backend='turbomind' is not available yet"):
+        LLM(str(tiny_models["llama"]), device="cpu", backend="turbomind")
+    with pytest.raises(ValueError, match="backend='tensorrt' is invalid"):
+        LLM(str(tiny_models["llama"]), device="cpu", backend="tensorrt")
+    llm = LLM(str(tiny_models["llama"]), device="cpu", backend="auto", kv_cache_gb=0.01)
+    assert llm.engine.config.backend == "pytorch"
