@@ -80,6 +80,8 @@ class BlockManager:
     def can_allocate(self, seq_id: int, num_slots: int, cached: list[int] = ()) -> bool:
         """Whether the sequence's table can grow to cover `num_slots` positions."""
         have = len(self.tables.get(seq_id, ())) + len(cached)
+        if not cached and have * self.block_size >= num_slots:
+            return True  # the common decode step: the last block still has room
         revived = sum(1 for b in cached if self.blocks[b].ref_count == 0)  # these leave the free queue too
         return self.blocks_needed(num_slots) - have <= self.num_free_blocks - revived
 

@@ -140,11 +140,12 @@ class LLMEngine:
         out = self.runner.execute(batch)
         self.scheduler.on_step_done(batch)
         touched: dict[str, Request] = {}
-        for seq_id, logits in out.prompt_logits.items():
-            self._prompt_logprobs(next(s.seq for s in batch.seqs if s.seq.seq_id == seq_id), logits)
+        for s in batch.seqs:
+            if s.seq.seq_id in out.prompt_logits:
+                self._prompt_logprobs(s.start, s.seq, out.prompt_logits[s.seq.seq_id])
         seqs, logits = self._expand_forks(batch, out.sample_logits)
         if seqs:
-            rows = [SamplerRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator) for s in seqs]
+            rows = [self._sampler_row(s) for s in seqs]
             sampled = self.sampler(logits, rows)
             now = time.monotonic()
             for seq, tok, lp in zip(seqs, sampled.token_ids, sampled.logprobs):
@@ -152,6 +153,12 @@ class LLMEngine:
                 seq.request.first_token_time = seq.request.first_token_time or now
                 touched[seq.request.request_id] = seq.request
         return [self._output(req) for req in touched.values()]
+
+    @staticmethod
+    def _sampler_row(seq: Sequence) -> SamplerRow:
+        if seq.params.needs_penalties:  # only penalties read the history; skip copying it otherwise
+            return SamplerRow(seq.params, seq.prompt_token_ids, seq.output_token_ids, seq.generator)
+        return SamplerRow(seq.params, [], [], seq.generator)
 
     def _expand_forks(self, batch: ScheduledBatch, logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
         """A request with n > 1 forks when its prompt is done: the samples share its full blocks
@@ -174,12 +181,17 @@ class LLMEngine:
             logits = torch.cat([logits, logits[extra_rows]])
         return seqs + extra_seqs, logits
 
-    def _prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> None:
-        """logits: [n, V] for prompt positions start..start+n-1, each predicting the next token."""
+    def _prompt_logprobs(self, start: int, seq: Sequence, logits: torch.Tensor) -> None:
+        """logits: [n, V] for prompt positions start..start+n-1, each predicting the next token.
+        Rows already recorded (a recompute after preemption, a forked sample) are skipped."""
         req = seq.request
         if not req.prompt_logprobs:
             req.prompt_logprobs.append(None)  # nothing predicts the first token
-        first = len(req.prompt_logprobs)  # the prompt position this chunk's first row predicts
+        skip = len(req.prompt_logprobs) - (start + 1)
+        if skip >= logits.shape[0]:
+            return
+        logits = logits[max(skip, 0):]
+        first = len(req.prompt_logprobs)
         targets = torch.tensor(req.prompt_token_ids[first:first + logits.shape[0]], device=logits.device)
         k = req.params.prompt_logprobs
         req.prompt_logprobs.extend(token_logprobs(logits.log_softmax(-1), targets, [k] * len(targets)))
@@ -189,19 +201,23 @@ class LLMEngine:
         if logprobs is not None:
             seq.logprobs.append(logprobs)
         p = seq.params
+        incremental = bool(p.stop) or seq.request.request_id in self.streaming
         if token in p.stop_token_ids:
             seq.finish("stop", token)
         elif not p.ignore_eos and token in self.eos_token_ids:
             seq.finish("stop")
-        if p.stop or seq.request.request_id in self.streaming:
+        hide_stop_token = seq.is_finished and not p.include_stop_str_in_output  # like vLLM: not in the text
+        if incremental and not hide_stop_token:
             self.detokenizer.step(seq)
-        if not seq.is_finished and (len(seq.output_token_ids) >= (p.max_tokens or self.max_model_len)
+        if not seq.is_finished and (seq.num_output_tokens >= (p.max_tokens or self.max_model_len)
                                     or seq.num_tokens >= self.max_model_len):
             seq.finish("length")
         if seq.is_finished:
             self.scheduler.remove(seq)
-            if not (p.stop or seq.request.request_id in self.streaming):
-                seq.text = self.detokenizer.full_text(seq)
+            if not isinstance(seq.stop_reason, str):  # a stop string already cut the text
+                # Whole text at once: also releases what incremental decoding held back (an
+                # incomplete character at the end).
+                seq.text = self.detokenizer.full_text(seq, seq.num_tokens - hide_stop_token)
 
     def _output(self, req: Request) -> RequestOutput:
         out = RequestOutput.from_request(req)

@@ -48,22 +48,26 @@ class SamplingParams:
         self._validate()
 
     def _validate(self) -> None:
+        def is_int(x: object) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
         checks = [
-            ("n", self.n, isinstance(self.n, int) and self.n >= 1, "an integer >= 1"),
+            ("n", self.n, is_int(self.n) and self.n >= 1, "an integer >= 1"),
             ("temperature", self.temperature, 0.0 <= self.temperature <= 100.0, "in [0, 100]"),
             ("top_p", self.top_p, 0.0 < self.top_p <= 1.0, "in (0, 1]"),
-            ("top_k", self.top_k, isinstance(self.top_k, int) and self.top_k >= -1, "-1, 0 (disabled) or >= 1"),
+            ("top_k", self.top_k, is_int(self.top_k) and self.top_k >= -1, "an integer: -1, 0 (disabled) or >= 1"),
             ("min_p", self.min_p, 0.0 <= self.min_p <= 1.0, "in [0, 1]"),
             ("repetition_penalty", self.repetition_penalty, 0.0 < self.repetition_penalty <= 10.0, "in (0, 10]"),
             ("presence_penalty", self.presence_penalty, -2.0 <= self.presence_penalty <= 2.0, "in [-2, 2]"),
             ("frequency_penalty", self.frequency_penalty, -2.0 <= self.frequency_penalty <= 2.0, "in [-2, 2]"),
-            ("max_tokens", self.max_tokens, self.max_tokens is None or self.max_tokens >= 1, "None or >= 1"),
-            ("logprobs", self.logprobs, self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
-             f"None or in [0, {MAX_LOGPROBS}]"),
+            ("max_tokens", self.max_tokens, self.max_tokens is None or is_int(self.max_tokens) and self.max_tokens >= 1,
+             "None or an integer >= 1"),
+            ("logprobs", self.logprobs, self.logprobs is None or is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS,
+             f"None or an integer in [0, {MAX_LOGPROBS}]"),
             ("prompt_logprobs", self.prompt_logprobs,
-             self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
-             f"None or in [0, {MAX_LOGPROBS}]"),
-            ("seed", self.seed, self.seed is None or isinstance(self.seed, int), "None or an integer"),
+             self.prompt_logprobs is None or is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
+             f"None or an integer in [0, {MAX_LOGPROBS}]"),
+            ("seed", self.seed, self.seed is None or is_int(self.seed), "None or an integer"),
             ("stop", self.stop, all(isinstance(s, str) and s for s in self.stop), "non-empty strings"),
             ("stop_token_ids", self.stop_token_ids, all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
              "non-negative integers"),
@@ -139,10 +143,11 @@ def _mask_top_k_top_p_min_p(logits: torch.Tensor, rows: list[SamplerRow]) -> tor
     if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
         sorted_logits, order = logits.sort(-1, descending=True)  # [B, V]
         ranks = torch.arange(vocab, device=dev)[None, :]
-        drop = ranks >= torch.tensor(top_k, device=dev)[:, None]
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        # Keep the smallest prefix whose mass reaches top_p (the token crossing it stays).
-        drop |= (cum - sorted_logits.softmax(-1)) >= torch.tensor(top_p, device=dev)[:, None]
+        sorted_logits = sorted_logits.masked_fill(ranks >= torch.tensor(top_k, device=dev)[:, None], float("-inf"))
+        # top_p on the mass left after top_k: keep the smallest prefix whose mass reaches top_p
+        # (the token crossing it stays).
+        probs = sorted_logits.softmax(-1)
+        drop = (probs.cumsum(-1) - probs) >= torch.tensor(top_p, device=dev)[:, None]
         drop[:, 0] = False
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
@@ -168,15 +173,19 @@ def token_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: list[int]
     chosen = logprobs.gather(1, token_ids[:, None])  # [N, 1]
     ranks = ((logprobs > chosen).sum(-1) + 1).tolist()
     max_k = max(k) if k else 0
-    top_v, top_i = (logprobs.topk(max_k, -1) if max_k > 0 else (None, None))
+    top_v_l = top_i_l = top_r_l = None
+    if max_k > 0:
+        top_v, top_i = logprobs.topk(max_k, -1)  # [N, k]
+        # Rank = 1 + how many are strictly more likely (ties share a rank); whatever beats a
+        # top-k value is itself in the top k.
+        top_r = (top_v[:, None, :] > top_v[:, :, None]).sum(-1) + 1
+        top_v_l, top_i_l, top_r_l = top_v.tolist(), top_i.tolist(), top_r.tolist()
     chosen_l, ids = chosen[:, 0].tolist(), token_ids.tolist()
-    top_v_l = top_v.tolist() if top_v is not None else None
-    top_i_l = top_i.tolist() if top_i is not None else None
     out: list[dict[int, Logprob]] = []
     for i in range(len(ids)):
         entry = {}
         for j in range(k[i]):
-            entry[top_i_l[i][j]] = Logprob(top_v_l[i][j], j + 1)
+            entry[top_i_l[i][j]] = Logprob(top_v_l[i][j], top_r_l[i][j])
         entry[ids[i]] = Logprob(chosen_l[i], ranks[i])
         out.append(entry)
     return out

@@ -69,9 +69,9 @@ class Detokenizer:
                 seq.finish("stop", stop)
                 return
 
-    def full_text(self, seq: Sequence) -> str:
-        """The whole output text at once, equal to what `step` builds token by token."""
+    def full_text(self, seq: Sequence, end: int | None = None) -> str:
+        """The output text of token_ids[:end] at once, equal to what `step` builds token by token."""
         skip = seq.params.skip_special_tokens
         start = max(seq.num_prompt_tokens - _CONTEXT_TOKENS, 0)
         prefix = self.tokenizer.decode(seq.token_ids[start:seq.num_prompt_tokens], skip)
-        return self.tokenizer.decode(seq.token_ids[start:], skip)[len(prefix):]
+        return self.tokenizer.decode(seq.token_ids[start:end], skip)[len(prefix):]

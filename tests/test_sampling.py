@@ -81,7 +81,8 @@ def test_greedy_is_argmax():
 
 @pytest.mark.parametrize("params", [SamplingParams(top_k=1, temperature=t) for t in (0.3, 1.0, 7.0, 100.0)]
                          + [SamplingParams(top_p=1e-6, temperature=t) for t in (1.0, 5.0)]
-                         + [SamplingParams(min_p=1.0, temperature=t) for t in (1.0, 5.0)], ids=repr)
+                         + [SamplingParams(min_p=1.0, temperature=t) for t in (1.0, 5.0)],
+                         ids=lambda p: f"k{p.top_k}-p{p.top_p}-minp{p.min_p}-t{p.temperature}")
 def test_degenerate_filters_equal_greedy(params):
     logits = _logits(64, 100, seed=2)
     assert _sample(logits, params) == logits.argmax(-1).tolist()
@@ -127,12 +128,12 @@ def test_repetition_penalty_matches_transformers(penalty):
     ids = random_prompts(8, [6, 11, 3, 9], seed=6, vocab=vocab)
     prompts, outs = ids[:4], ids[4:]
     params = SamplingParams(repetition_penalty=penalty, temperature=0)
-    rows = [SamplerRow(params, p, o) for p, o in zip(prompts, outs)]
+    rows_ids = list(zip(prompts, outs))
+    rows = [SamplerRow(params, p, o) for p, o in rows_ids]
     got = apply_penalties(logits.clone(), rows)
     proc = RepetitionPenaltyLogitsProcessor(penalty)
-    ref = torch.cat([proc(torch.tensor([p + o]), logits[i:i + 1].clone()) for i, (p, o) in enumerate(zip(prompts, outs))])
+    ref = torch.cat([proc(torch.tensor([p + o]), logits[i:i + 1].clone()) for i, (p, o) in enumerate(rows_ids)])
     torch.testing.assert_close(got, ref)
-    assert _sample(logits, params, prompt=None, outs=None) == logits.argmax(-1).tolist()  # no tokens seen: no-op
     assert Sampler()(logits.clone(), rows).token_ids == ref.argmax(-1).tolist()
 
 
@@ -205,6 +206,8 @@ def test_seeded_request_independent_of_batch_and_order(llm):
     chunked = LLM(str(llm.engine.config.model.path), device="cpu", dtype="float32", kv_cache_gb=0.05,
                   max_num_batched_tokens=16)
     assert _toks(chunked.generate(prompts[::-1], ([SEEDED] + others)[::-1]))[-1] == alone
+    chunked.engine.block_manager.check_integrity()
+    assert chunked.engine.block_manager.num_free_blocks == chunked.engine.block_manager.num_blocks
     other_seed = _toks(llm.generate(prompts[:1], replace(SEEDED, seed=4321)))[0]
     assert other_seed != alone
 
@@ -256,13 +259,14 @@ def test_stop_strings_truncate_text(llm):
     for prompt in ["What is the capital", *random_prompts(8, [4, 9, 23], seed=24)]:
         full = llm.generate(prompt, GREEDY)[0].outputs[0]
         text = full.text
-        cut = next((c for c in range(1, len(text) - 2) if _plain(text[c:c + 2]) and text.find(text[c:c + 2]) == c), None)
+        cut = next((c for c in range(1, len(text) - 2) if _plain(text[c:c + 2]) and text.find(text[c:c + 2]) == c),
+                   None)
         if cut is not None:
             break
     assert cut is not None, "no usable stop string in 9 greedy texts"
     stop = text[cut:cut + 2]
     for include in (False, True):
-        params = replace(GREEDY, stop=[stop, "\x00"], include_stop_str_in_output=include)
+        params = replace(GREEDY, stop=["<never seen>", stop], include_stop_str_in_output=include)
         out = llm.generate(prompt, params)[0].outputs[0]
         assert out.text == text[:cut + (len(stop) if include else 0)], (stop, text)
         assert (out.finish_reason, out.stop_reason) == ("stop", stop)
@@ -278,7 +282,8 @@ def test_max_tokens_finishes_with_length(llm, max_tokens):
 
 
 @pytest.mark.parametrize("params", [SamplingParams(temperature=0, logprobs=5, max_tokens=12, ignore_eos=True),
-                                    SamplingParams(seed=3, temperature=1.2, logprobs=3, max_tokens=12, ignore_eos=True)])
+                                    SamplingParams(seed=3, temperature=1.2, logprobs=3, max_tokens=12,
+                                                   ignore_eos=True)], ids=["greedy", "seeded"])
 def test_logprobs_through_generate(llm, tiny_models, params):
     from transformers import AutoModelForCausalLM
 
