@@ -12,7 +12,9 @@ per second, the ratio lmq / HF, and the KV-cache slot usage measured during lmq'
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import shutil
 import tempfile
 import time
@@ -110,6 +112,7 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--profile", default=None, help="write a cProfile summary of lmq's timed runs here")
     args = ap.parse_args()
 
     tmp = None
@@ -129,7 +132,15 @@ def main() -> None:
         # Warm-ups on the same shapes (CUDA graphs, kernel choices, allocator), not timed.
         _, kv = run_lmq(llm, prompts, args.output_len, measure_kv=True)
         run_hf(hf, prompts, min(args.output_len, 8), args.device)
+        prof = cProfile.Profile() if args.profile else None
+        if prof:
+            prof.enable()
         t_lmq, _ = run_lmq(llm, prompts, args.output_len, measure_kv=False)
+        if prof:
+            prof.disable()
+            with open(args.profile, "a") as f:
+                f.write(f"\n== batch {b}: {t_lmq:.3f} s\n")
+                pstats.Stats(prof, stream=f).sort_stats("tottime").print_stats(25)
         t_hf = run_hf(hf, prompts, args.output_len, args.device)
         toks = b * args.output_len
         rows.append({"batch": b, "lmq_tok_s": toks / t_lmq, "hf_tok_s": toks / t_hf, "ratio": t_hf / t_lmq, **kv})

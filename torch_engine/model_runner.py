@@ -156,7 +156,6 @@ class ModelRunner:
             ids.extend(s.seq.token_ids[s.start:s.start + s.num_new_tokens])
             pos.extend(p)
             slots.extend(s.block_table[i // bs] * bs + i % bs for i in p)
-        dev = self.device
         max_q = max((s.num_new_tokens for s in prefills), default=0)
         pad_index, query_pos, unpad = [], [], []
         for i, s in enumerate(prefills):
@@ -166,25 +165,43 @@ class ModelRunner:
             query_pos.append([s.start + j for j in js])
             unpad.extend(i * max_q + j for j in range(s.num_new_tokens))
 
-        def t(x: list) -> torch.Tensor:
-            return torch.tensor(x, dtype=torch.int64, device=dev)
-
+        dt, pt = self._block_tables(decodes), self._block_tables(prefills)
+        # One host-to-device copy for all of the step's index arrays (each copy has a fixed cost).
+        slots_t, dctx, pad_t, qpos, unpad_t, dt_t, pt_t, ids_t, pos_t = self._to_device([
+            (slots, (-1,)), ([s.start + 1 for s in decodes], (-1,)),
+            ([x for row in pad_index for x in row], (len(prefills), max_q)),
+            ([x for row in query_pos for x in row], (len(prefills), max_q)), (unpad, (-1,)),
+            dt, pt, (ids, (-1,)), (pos, (-1,))])
         meta = AttentionMetadata(
-            slot_mapping=t(slots),
+            slot_mapping=slots_t,
             num_decode_tokens=len(decodes),
-            decode_block_tables=self._block_tables(decodes),
-            decode_context_lens=t([s.start + 1 for s in decodes]),
-            prefill_block_tables=self._block_tables(prefills),
-            prefill_pad_index=t(pad_index).view(len(prefills), max_q),
-            prefill_query_pos=t(query_pos).view(len(prefills), max_q),
-            prefill_unpad_index=t(unpad),
+            decode_block_tables=dt_t,
+            decode_context_lens=dctx,
+            prefill_block_tables=pt_t,
+            prefill_pad_index=pad_t,
+            prefill_query_pos=qpos,
+            prefill_unpad_index=unpad_t,
         )
-        return ModelInput(t(ids), t(pos), meta, order, offsets)
+        return ModelInput(ids_t, pos_t, meta, order, offsets)
 
-    def _block_tables(self, seqs: list[ScheduledSeq]) -> torch.Tensor:
-        """[B, nb] padded with the scratch block; nb covers each seq's positions up to this step."""
+    def _to_device(self, arrays: list[tuple[list[int], tuple[int, ...]]]) -> list[torch.Tensor]:
+        """Flat int lists with their shapes -> int64 tensors on the device, in one copy."""
+        flat = [x for a, _ in arrays for x in a]
+        packed = torch.tensor(flat, dtype=torch.int64).to(self.device, non_blocking=True)
+        out, k = [], 0
+        for a, shape in arrays:
+            out.append(packed[k:k + len(a)].view(shape))
+            k += len(a)
+        return out
+
+    def _block_tables(self, seqs: list[ScheduledSeq]) -> tuple[list[int], tuple[int, int]]:
+        """Flat [B, nb] rows padded with the scratch block; nb covers each seq's positions up to this step."""
         bs = self.block_size
         nb = max((-(-(s.start + s.num_new_tokens) // bs) for s in seqs), default=0)
         pad = getattr(self, "scratch_block", 0)
-        rows = [s.block_table[:nb] + [pad] * (nb - min(len(s.block_table), nb)) for s in seqs]
-        return torch.tensor(rows, dtype=torch.int64, device=self.device).view(len(seqs), nb)
+        flat: list[int] = []
+        for s in seqs:
+            row = s.block_table[:nb]
+            flat.extend(row)
+            flat.extend([pad] * (nb - len(row)))
+        return flat, (len(seqs), nb)

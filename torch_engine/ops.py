@@ -61,7 +61,9 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
     """[num_blocks, bs, Hkv, D] by [B, nb] -> [B, Hkv, nb * bs, D]"""
     b, nb = block_tables.shape
-    g = cache[block_tables]  # [B, nb, bs, Hkv, D]
+    # index_select copies whole blocks with a row-gather kernel; advanced indexing with a
+    # strided index (a CUDA graph's slice of its static table) falls back to a much slower one.
+    g = cache.index_select(0, block_tables.reshape(-1))  # [B * nb, bs, Hkv, D]
     return g.view(b, nb * cache.shape[1], *cache.shape[2:]).transpose(1, 2)
 
 
