@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 CONSTRAINTS := $(if $(HAS_GPU),,-c constraints-cpu.txt)
 
-.PHONY: setup chat test test-gpu bench clean
+.PHONY: setup chat test test-gpu lint clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt Makefile
@@ -21,8 +21,11 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt Makefile
 chat: setup
 	$(VENV)/bin/lmq chat
 
-test: setup
+test: setup lint
 	$(PY) -m pytest -q tests
+
+lint: setup
+	$(VENV)/bin/ruff check lmq torch_engine tests bench
 
 test-gpu: setup
 	$(PY) -m pytest -q -m gpu tests

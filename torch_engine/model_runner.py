@@ -56,6 +56,13 @@ def load_model(cfg: ModelConfig, ops: ModuleType, device: str) -> torch.nn.Modul
     return model.to(cfg.dtype).eval()
 
 
+def _num_prompt_rows(s: ScheduledSeq) -> int:
+    """Rows of the chunk whose logits predict a prompt token (positions < P - 1), for prompt_logprobs."""
+    if s.seq.params.prompt_logprobs is None:
+        return 0
+    return max(min(s.start + s.num_new_tokens, s.seq.num_prompt_tokens - 1) - s.start, 0)
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, ops: ModuleType) -> None:
         self.config = config
@@ -116,7 +123,7 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> ModelOutput:
         inp = self.prepare(batch)
         decode_only = inp.meta.num_prefill_seqs == 0
-        wants_prompt = any(s.seq.params.prompt_logprobs is not None for s in inp.order if s.start < s.seq.num_prompt_tokens - 1)
+        wants_prompt = any(_num_prompt_rows(s) for s in inp.order)
         if self.graphs is not None and decode_only and not wants_prompt:
             logits = self.graphs.run(inp)  # [Bd, V]; all decodes, so `order` is the batch order
             return ModelOutput(logits[[i for i, s in enumerate(inp.order) if s.samples]], {})
@@ -128,11 +135,8 @@ class ModelRunner:
         sample_rows = [where[id(s)] + s.num_new_tokens - 1 for s in batch.seqs if s.samples]
         prompt_rows: dict[int, list[int]] = {}
         for s, off in zip(inp.order, inp.offsets):
-            if s.seq.params.prompt_logprobs is None:
-                continue
-            last = min(s.start + s.num_new_tokens, s.seq.num_prompt_tokens - 1)  # positions < P - 1
-            if last > s.start:
-                prompt_rows[s.seq.seq_id] = list(range(off, off + last - s.start))
+            if n := _num_prompt_rows(s):
+                prompt_rows[s.seq.seq_id] = list(range(off, off + n))
         rows = sample_rows + [r for rs in prompt_rows.values() for r in rs]
         logits = self.model.compute_logits(hidden[rows]) if rows else hidden.new_zeros(0, 1).float()
         out, k = {}, len(sample_rows)
