@@ -81,3 +81,27 @@ def test_prompt_logprobs_match_transformers(tiny_models):
             assert abs(entry[p[i]].logprob - ref[i - 1, p[i]].item()) < 1e-4
             top = ref[i - 1].topk(3).indices.tolist()
             assert set(top) <= set(entry)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_prompt_logprobs_on_cpu(tiny_models, dtype):
+    """16-bit weights and activations: log-probabilities within 0.1 of transformers' in the same
+    dtype (8 to 11 mantissa bits; the two order the arithmetic differently, see test_gpu_parity)."""
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_models["llama"]
+    prompts = random_prompts(2, [70, 20], seed=16)
+    outs = _lmq_dtype(folder, dtype).generate(prompts, SamplingParams(max_tokens=1, prompt_logprobs=0))
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+    for p, out in zip(prompts, outs):
+        with torch.no_grad():
+            ref = hf(torch.tensor([p])).logits[0].float().log_softmax(-1)
+        diffs = [abs(out.prompt_logprobs[i][p[i]].logprob - ref[i - 1, p[i]].item()) for i in range(1, len(p))]
+        assert max(diffs) < 0.1, max(diffs)
+
+
+def _lmq_dtype(folder, dtype: str) -> LLM:
+    llm = LLM(str(folder), device="cpu", dtype=dtype, kv_cache_gb=0.05)
+    assert llm.engine.config.model.dtype == getattr(torch, dtype)
+    assert llm.engine.runner.kv_caches.dtype == getattr(torch, dtype)
+    return llm

@@ -102,3 +102,16 @@ def test_gguf_file_converts_once(tmp_path, monkeypatch):
     assert resolve_model(str(gguf)) == folder and marker.stat().st_mtime_ns == stamp  # reused, not redone
     llm = LLM(str(gguf), device="cpu", dtype="float32")
     assert "Paris" in llm.chat(CHAT_Q, SamplingParams(temperature=0.0, max_tokens=24))[0].outputs[0].text
+
+
+@pytest.mark.parametrize("cfg_dtype, device, expected", [
+    ("bfloat16", "cuda", torch.bfloat16), ("float16", "cuda:1", torch.float16), ("float32", "cuda", torch.float32),
+    (None, "cuda", torch.bfloat16), ("bfloat16", "cpu", torch.float32),
+])
+def test_auto_dtype_follows_checkpoint_on_gpu_and_is_float32_on_cpu(cfg_dtype, device, expected):
+    from types import SimpleNamespace
+
+    from lmq.models import resolve_dtype
+
+    assert resolve_dtype("auto", SimpleNamespace(dtype=cfg_dtype), device) is expected
+    assert resolve_dtype("float16", SimpleNamespace(dtype=cfg_dtype), device) is torch.float16

@@ -17,7 +17,8 @@ _ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 def resolve_dtype(dtype: str | torch.dtype, hf_config: object, device: str) -> torch.dtype:
-    """`auto` follows the checkpoint on a GPU and is float32 on CPU."""
+    """`auto` follows the checkpoint's dtype on a GPU (bfloat16 when it names none) and is
+    float32 on CPU."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
@@ -26,7 +27,7 @@ def resolve_dtype(dtype: str | torch.dtype, hf_config: object, device: str) -> t
         cfg_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
         if isinstance(cfg_dtype, str):
             cfg_dtype = SUPPORTED_DTYPES.get(cfg_dtype)
-        return cfg_dtype if cfg_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        return cfg_dtype if cfg_dtype in SUPPORTED_DTYPES.values() else torch.bfloat16
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"dtype={dtype!r} is invalid: must be 'auto' or one of {sorted(SUPPORTED_DTYPES)}")
     return SUPPORTED_DTYPES[dtype]
