@@ -81,9 +81,9 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
         preempted: list[Sequence] = []
-        queue = list(self.running)
+        queue = deque(self.running)
         while queue and budget > 0:
-            seq = queue.pop(0)
+            seq = queue.popleft()
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.blocks.can_allocate(seq.seq_id, seq.num_computed_tokens + n):
                 victim = queue.pop() if queue else seq
