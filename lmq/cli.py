@@ -1,4 +1,4 @@
-"""The `lmq` command: `lmq generate PROMPT` and `lmq chat` (more subcommands come with the server)."""
+"""The `lmq` command: `lmq generate PROMPT`, `lmq chat` and `lmq serve`."""
 
 from __future__ import annotations
 
@@ -42,14 +42,18 @@ def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
+def _engine_options(args: argparse.Namespace) -> dict:
+    return dict(backend=args.backend, dtype=args.dtype, device=args.device, block_size=args.block_size,
+                num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
+                kv_cache_gb=args.kv_cache_gb, max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+                enable_prefix_caching=not args.no_prefix_caching)
+
+
 def _llm(args: argparse.Namespace):
     from lmq.llm import LLM
 
-    return LLM(args.model, backend=args.backend, dtype=args.dtype, device=args.device, block_size=args.block_size,
-               num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
-               kv_cache_gb=args.kv_cache_gb, max_num_seqs=args.max_num_seqs,
-               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-               enable_prefix_caching=not args.no_prefix_caching)
+    return LLM(args.model, **_engine_options(args))
 
 
 def _params(args: argparse.Namespace) -> SamplingParams:
@@ -100,6 +104,18 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": "".join(reply)})
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from lmq.llm import build_engine_config
+    from serve.server import make_app, run
+
+    if args.model_pos and args.model:
+        raise ValueError("give the model once: as MODEL or as --model")
+    config = build_engine_config(args.model_pos or args.model, **_engine_options(args))
+    keys = tuple(k for k in (args.api_keys or "").split(",") if k)
+    run(make_app(config, args.served_model_name, keys, args.max_queue_len), args.host, args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmq", description="lmq: LLM serving toolkit. With no --model, the built-in SmolLM2-135M-Instruct.")
@@ -117,6 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(chat)
     _sampling_args(chat, max_tokens=512)
     chat.set_defaults(func=cmd_chat)
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)",
+                         description="Serve the model over an OpenAI-compatible API until SIGINT/SIGTERM.")
+    srv.add_argument("model_pos", nargs="?", metavar="MODEL", help="HF folder or .gguf (default: built-in model)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    srv.add_argument("--served-model-name", default=None, help="the `model` clients send (default: folder name)")
+    srv.add_argument("--api-keys", default=None, help="comma-separated keys; /v1/* then needs 'Bearer <key>'")
+    srv.add_argument("--max-queue-len", type=int, default=None,
+                     help="waiting requests before new ones get 429 (default: unbounded)")
+    _engine_args(srv)
+    srv.set_defaults(func=cmd_serve)
     return parser
 
 

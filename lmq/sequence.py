@@ -116,6 +116,8 @@ class RequestOutput:
     finished: bool
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     num_cached_tokens: int = 0
+    arrival_time: float = 0.0  # time.monotonic() when the request was added
+    first_token_time: float | None = None
 
     @staticmethod
     def from_request(req: Request) -> RequestOutput:
@@ -129,4 +131,5 @@ class RequestOutput:
                                          s.stop_reason, lps, cum))
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.is_finished,
                              req.prompt_logprobs if req.params.prompt_logprobs is not None else None,
-                             req.seqs[0].num_cached_tokens if req.seqs else 0)
+                             req.seqs[0].num_cached_tokens if req.seqs else 0, req.arrival_time,
+                             req.first_token_time)

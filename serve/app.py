@@ -1,0 +1,94 @@
+"""The FastAPI app: OpenAI routes, health, version, metrics, API keys."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+import lmq
+from serve.errors import APIError, error_body, install_error_handlers
+from serve.metrics import Metrics
+from serve.openai_api import chat_job, completion_job, respond
+from serve.protocol import ChatCompletionRequest, CompletionRequest
+from serve.router import Router
+
+ASGIApp = Callable[[dict, Callable, Callable], Awaitable[None]]
+
+
+class _Gate:
+    """Pure ASGI middleware (it never buffers streams): API keys on /v1/*, and the status of
+    every /v1/* response counted in the metrics."""
+
+    def __init__(self, app: ASGIApp, api_keys: tuple[str, ...], metrics: Metrics) -> None:
+        self.app, self.api_keys, self.metrics = app, api_keys, metrics
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        if self.api_keys and not self._authorized(scope):
+            self.metrics.requests.labels("401").inc()
+            resp = JSONResponse(error_body(401, "missing or invalid API key: send 'Authorization: Bearer <key>'"),
+                                401, headers={"WWW-Authenticate": "Bearer"})
+            return await resp(scope, receive, send)
+
+        async def counting_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+    def _authorized(self, scope: dict) -> bool:
+        headers = dict(scope.get("headers") or [])
+        auth = headers.get(b"authorization", b"").decode("latin-1")
+        token = auth[7:] if auth.lower().startswith("bearer ") else ""
+        return any(hmac.compare_digest(token, k) for k in self.api_keys)
+
+
+def build_app(router: Router, api_keys: tuple[str, ...] = ()) -> FastAPI:
+    engine = router.base.engine
+    metrics = Metrics(engine.stats)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        engine.shutdown()  # requests still running are aborted: finish_reason "abort"
+
+    app = FastAPI(title="lmq", version=lmq.__version__, lifespan=lifespan)
+    app.state.router, app.state.metrics = router, metrics
+    install_error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> dict:
+        if not engine.alive:
+            raise APIError(503, "the engine thread has stopped")
+        return {"status": "ok"}
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": lmq.__version__}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": router.models()}
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatCompletionRequest, request: Request) -> Response:
+        route = router.resolve(req.model)
+        return await respond(chat_job(req, route), route, request, metrics, req.stream)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request) -> Response:
+        route = router.resolve(req.model)
+        return await respond(completion_job(req, route), route, request, metrics, req.stream)
+
+    app.add_middleware(_Gate, api_keys=api_keys, metrics=metrics)
+    return app

@@ -1,0 +1,295 @@
+"""/v1/chat/completions and /v1/completions: request -> prompts + SamplingParams, engine
+outputs -> OpenAI responses, as one JSON body or as Server-Sent Events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from lmq.async_engine import EngineDeadError, QueueFullError, RequestStream
+from lmq.sampling import Logprob, SamplingParams
+from lmq.sequence import RequestOutput
+from serve.errors import APIError, bad_value, error_body
+from serve.metrics import Metrics
+from serve.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
+from serve.router import Route
+
+_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "presence_penalty": 0.0,
+             "frequency_penalty": 0.0, "repetition_penalty": 1.0}
+
+
+@dataclass
+class Job:
+    """One API call: its prompts (several for a batched /v1/completions), shared params."""
+
+    kind: str  # "chat" | "text"
+    id: str
+    model: str
+    prompts: list[list[int]]
+    params: SamplingParams
+    include_usage: bool
+    tokens_as_ids: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+    arrival: float = field(default_factory=time.monotonic)
+
+
+def sampling_params(req: ChatCompletionRequest | CompletionRequest, max_tokens: int | None,
+                    logprobs: int | None) -> SamplingParams:
+    values = {k: getattr(req, k) if getattr(req, k) is not None else v for k, v in _DEFAULTS.items()}
+    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+    try:
+        return SamplingParams(n=req.n, max_tokens=max_tokens, stop=stop, stop_token_ids=tuple(req.stop_token_ids or ()),
+                              seed=req.seed, ignore_eos=req.ignore_eos, logprobs=logprobs, **values)
+    except ValueError as e:
+        raise bad_value(e) from None
+
+
+def _message_text(msg: ChatMessage, route: Route) -> str:
+    if msg.content is None or isinstance(msg.content, str):
+        return msg.content or ""
+    texts = []
+    for part in msg.content:
+        if part.type != "text":
+            if not route.accepts_images:
+                raise APIError(400, f"this model does not accept images (model {route.name!r} is text-only)",
+                               param="messages")
+        else:
+            texts.append(part.text or "")
+    return "".join(texts)
+
+
+def chat_job(req: ChatCompletionRequest, route: Route) -> Job:
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    params = sampling_params(req, req.max_completion_tokens or req.max_tokens, logprobs)
+    messages = [{"role": m.role, "content": _message_text(m, route)} for m in req.messages]
+    try:
+        prompt = route.tokenizer.apply_chat_template(messages)
+    except ValueError as e:
+        raise APIError(400, str(e), param="messages") from None
+    except Exception as e:  # the template itself rejected the conversation (e.g. role order)
+        raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from None
+    include = bool(req.stream_options and req.stream_options.include_usage)
+    return Job("chat", f"chatcmpl-{uuid.uuid4().hex}", route.name, [prompt], params, include,
+               req.return_tokens_as_token_ids)
+
+
+def completion_job(req: CompletionRequest, route: Route) -> Job:
+    if req.echo:
+        raise APIError(400, "echo=true is not supported", param="echo")
+    p = req.prompt
+    if isinstance(p, str):
+        prompts = [p]
+    elif p and all(isinstance(x, int) for x in p):
+        prompts = [p]
+    else:
+        prompts = list(p)
+    if not prompts:
+        raise APIError(400, "prompt is empty: at least 1 prompt is required", param="prompt")
+    ids = [route.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in prompts]
+    params = sampling_params(req, req.max_tokens, req.logprobs)
+    include = bool(req.stream_options and req.stream_options.include_usage)
+    return Job("text", f"cmpl-{uuid.uuid4().hex}", route.name, ids, params, include, req.return_tokens_as_token_ids)
+
+
+def start(job: Job, route: Route) -> list[RequestStream]:
+    """Queue every prompt of the job; on any refusal, abort the ones already queued."""
+    streams: list[RequestStream] = []
+    try:
+        for i, prompt in enumerate(job.prompts):
+            streams.append(route.engine.add_request(f"{job.id}-{i}", prompt, job.params))
+    except BaseException as e:
+        for s in streams:
+            s.abort()
+        if isinstance(e, QueueFullError):
+            raise APIError(429, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
+        if isinstance(e, EngineDeadError):
+            raise APIError(503, str(e)) from None
+        if isinstance(e, ValueError):
+            code = "context_length_exceeded" if "context length" in str(e) else None
+            err = bad_value(e)
+            raise APIError(400, err.message, err.param or ("messages" if job.kind == "chat" else "prompt"),
+                           code) from None
+        raise
+    return streams
+
+
+async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of several request streams as they come, tagged with the prompt index."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, s: RequestStream) -> None:
+        try:
+            async for out in s:
+                await queue.put((i, out))
+        finally:
+            await queue.put((i, done))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        left = len(tasks)
+        while left:
+            i, item = await queue.get()
+            if item is done:
+                left -= 1
+                continue
+            yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# -- formatting --------------------------------------------------------------------------------
+def _tok(route: Route, token_id: int, as_id: bool = False) -> str:
+    return f"token_id:{token_id}" if as_id else route.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def _chat_logprobs(route: Route, token_ids: list[int], lps: list[dict[int, Logprob]], k: int, as_id: bool) -> dict:
+    def item(token_id: int, lp: Logprob) -> dict:
+        s = _tok(route, token_id, as_id)
+        return {"token": s, "logprob": lp.logprob, "bytes": list(s.encode())}
+
+    return {"content": [{**item(t, e[t]), "top_logprobs": [item(i, lp) for i, lp in _top(e, k)]}
+                        for t, e in zip(token_ids, lps)]}
+
+
+def _text_logprobs(route: Route, token_ids: list[int], lps: list[dict[int, Logprob]], k: int, offset: int,
+                   as_id: bool) -> dict:
+    tokens = [_tok(route, t, as_id) for t in token_ids]
+    offsets, pos = [], offset
+    for s in tokens:
+        offsets.append(pos)
+        pos += len(s)
+    return {"tokens": tokens, "token_logprobs": [e[t].logprob for t, e in zip(token_ids, lps)],
+            "top_logprobs": [{_tok(route, i, as_id): lp.logprob for i, lp in _top(e, k)} for e in lps],
+            "text_offset": offsets}
+
+
+def _top(entry: dict[int, Logprob], k: int) -> list[tuple[int, Logprob]]:
+    """The k most likely tokens of a step (the sampled one is in `entry` even when it is not)."""
+    return sorted(entry.items(), key=lambda kv: -kv[1].logprob)[:k]
+
+
+def _logprobs(job: Job, route: Route, token_ids: list[int], lps: list | None, offset: int = 0) -> dict | None:
+    if job.params.logprobs is None or lps is None:
+        return None
+    if job.kind == "chat":
+        return _chat_logprobs(route, token_ids, lps, job.params.logprobs, job.tokens_as_ids)
+    return _text_logprobs(route, token_ids, lps, job.params.logprobs, offset, job.tokens_as_ids)
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _observe(metrics: Metrics, job: Job, outs: dict[int, RequestOutput]) -> tuple[int, int]:
+    prompt = sum(len(o.prompt_token_ids) for o in outs.values())
+    completion = sum(len(c.token_ids) for o in outs.values() for c in o.outputs)
+    first = min((o.first_token_time for o in outs.values() if o.first_token_time), default=None)
+    metrics.observe_request(prompt, completion, job.arrival, first, time.monotonic())
+    return prompt, completion
+
+
+# -- responses ---------------------------------------------------------------------------------
+async def respond(job: Job, route: Route, request: Request, metrics: Metrics,
+                  stream: bool) -> JSONResponse | StreamingResponse:
+    streams = start(job, route)
+    if stream:
+        return StreamingResponse(_sse(job, route, streams, metrics), media_type="text/event-stream")
+    return await _whole(job, route, streams, request, metrics)
+
+
+async def _whole(job: Job, route: Route, streams: list[RequestStream], request: Request,
+                 metrics: Metrics) -> JSONResponse:
+    last: dict[int, RequestOutput] = {}
+
+    async def collect() -> None:
+        async for i, out in _merged(streams):
+            last[i] = out
+
+    task = asyncio.create_task(collect())
+    while not task.done():  # a client that hangs up aborts its requests
+        await asyncio.wait({task}, timeout=0.25)
+        if not task.done() and await request.is_disconnected():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            return JSONResponse(error_body(499, "client disconnected"), 499)
+    task.result()
+    n = job.params.n
+    choices = []
+    for i in sorted(last):
+        for c in last[i].outputs:
+            item = {"index": i * n + c.index, "finish_reason": c.finish_reason,
+                    "logprobs": _logprobs(job, route, c.token_ids, c.logprobs)}
+            if job.kind == "chat":
+                item["message"] = {"role": "assistant", "content": c.text}
+            else:
+                item["text"] = c.text
+            choices.append(item)
+    prompt, completion = _observe(metrics, job, last)
+    obj = "chat.completion" if job.kind == "chat" else "text_completion"
+    return JSONResponse({"id": job.id, "object": obj, "created": job.created, "model": job.model,
+                         "choices": choices, "usage": _usage(prompt, completion)})
+
+
+def _choice(job: Job, idx: int, text: str, logprobs: dict | None, finish_reason: str | None) -> dict:
+    item = {"index": idx, "logprobs": logprobs, "finish_reason": finish_reason}
+    if job.kind == "chat":
+        item["delta"] = {"content": text} if text else {}
+    else:
+        item["text"] = text
+    return item
+
+
+def _sse_chunk(job: Job, choices: list[dict], usage: dict | None = None) -> str:
+    obj = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
+    body = {"id": job.id, "object": obj, "created": job.created, "model": job.model, "choices": choices}
+    if usage is not None:
+        body["usage"] = usage
+    return f"data: {json.dumps(body)}\n\n"
+
+
+async def _sse(job: Job, route: Route, streams: list[RequestStream], metrics: Metrics) -> AsyncIterator[str]:
+    """role chunk, content deltas, a finish_reason chunk per choice, the usage chunk, [DONE]."""
+    n = job.params.n
+    sent_text: dict[int, int] = {}
+    sent_toks: dict[int, int] = {}
+    if job.kind == "chat":
+        yield _sse_chunk(job, [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                "finish_reason": None} for i in range(n * len(streams))])
+    last: dict[int, RequestOutput] = {}
+    done: set[int] = set()
+    async for p, out in _merged(streams):
+        last[p] = out
+        deltas, finishes = [], []
+        for c in out.outputs:
+            idx = p * n + c.index
+            if idx in done:
+                continue
+            t0, k0 = sent_text.get(idx, 0), sent_toks.get(idx, 0)
+            new_text, new_toks = c.text[t0:], c.token_ids[k0:]
+            sent_text[idx], sent_toks[idx] = len(c.text), len(c.token_ids)
+            if new_text or (new_toks and job.params.logprobs is not None):
+                lps = _logprobs(job, route, new_toks, c.logprobs[k0:] if c.logprobs else None, t0)
+                deltas.append(_choice(job, idx, new_text, lps, None))
+            if c.finish_reason is not None:
+                done.add(idx)
+                finishes.append(_choice(job, idx, "", None, c.finish_reason))
+        for choices in (deltas, finishes):
+            if choices:
+                yield _sse_chunk(job, choices)
+    prompt, completion = _observe(metrics, job, last)
+    if job.include_usage:
+        yield _sse_chunk(job, [], _usage(prompt, completion))
+    yield "data: [DONE]\n\n"

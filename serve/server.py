@@ -1,0 +1,77 @@
+"""`lmq serve`: build the engine, the router and the app, then run uvicorn until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI
+
+from lmq.async_engine import AsyncEngine
+from lmq.config import EngineConfig
+from lmq.engine import LLMEngine
+from lmq.tokenizer import Tokenizer
+from serve.app import build_app
+from serve.router import Route, Router
+
+
+def make_app(config: EngineConfig, served_model_name: str | None = None, api_keys: tuple[str, ...] = (),
+             max_queue_len: int | None = None) -> FastAPI:
+    tokenizer = Tokenizer(config.model.path)
+    engine = AsyncEngine(LLMEngine(config, tokenizer), max_queue_len=max_queue_len)
+    name = served_model_name or Path(config.model.path).name
+    return build_app(Router(Route(name, engine, tokenizer, config.scheduler.max_model_len)), api_keys)
+
+
+class _Server(uvicorn.Server):
+    """On SIGINT/SIGTERM, first abort what the engine is running: every open stream then ends
+    with finish_reason "abort" and [DONE], and uvicorn's graceful shutdown has nothing to wait for."""
+
+    def handle_exit(self, sig: int, frame: object) -> None:
+        self.config.app.state.router.base.engine.shutdown()
+        super().handle_exit(sig, frame)
+
+
+def _server(app: FastAPI, host: str, port: int) -> _Server:
+    return _Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5))
+
+
+def run(app: FastAPI, host: str, port: int) -> None:
+    """Serve until SIGINT/SIGTERM, then return normally (exit status 0)."""
+    name = app.state.router.base.name
+    print(f"lmq: serving {name!r} at http://{host}:{port}/v1 (OpenAI API), /health, /metrics", flush=True)
+    # uvicorn handles the signal, then re-raises it to the handler it found: make that a no-op,
+    # so a requested shutdown is a clean exit rather than KeyboardInterrupt / death by SIGTERM.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    _server(app, host, port).run()
+
+
+class BackgroundServer:
+    """The app on uvicorn in a background thread, on a free loopback port (tests, benchmarks,
+    embedding in a notebook). `stop()` shuts it down like SIGTERM does."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> None:
+        import socket
+        import threading
+        import time
+
+        if port == 0:
+            with socket.socket() as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+        self.app, self.url = app, f"http://{host}:{port}"
+        self.server = _server(app, host, port)
+        self.thread = threading.Thread(target=self.server.run, name="lmq-uvicorn", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"the server did not start on {self.url}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.app.state.router.base.engine.shutdown()
+        self.server.should_exit = True
+        self.thread.join(30)
