@@ -1,9 +1,12 @@
 """AsyncEngine: an LLMEngine stepping on its own thread, one asyncio stream per request.
 
-The server and the web UI are clients of this object. Requests are added and aborted from the
-event loop under a lock; the engine thread steps while there is work and hands every
-RequestOutput to its request's asyncio queue with `call_soon_threadsafe`. A consumer that goes
-away (client disconnect, task cancelled) aborts its request, which frees its KV blocks at once.
+The server and the web UI are clients of this object. The event loop never waits for a step:
+`add_request` tokenizes and validates on the caller's thread (validation reads only fixed
+configuration) and queues the request; `abort` queues an abort. The engine thread, the only
+one that touches the engine's mutable state, applies the queued operations before each step
+and hands the step's RequestOutputs to their streams in one `call_soon_threadsafe` per loop.
+A consumer that goes away (client disconnect, task cancelled) aborts its request, which frees
+its KV blocks at the next step boundary.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections import defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -35,9 +39,16 @@ class _Stream:
     queue: asyncio.Queue
 
 
+@dataclass(frozen=True)
+class _Add:
+    request_id: str
+    prompt_ids: list[int]  # tokenized on the caller's thread
+    params: SamplingParams
+
+
 class RequestStream:
     """One request's outputs: a RequestOutput after every step that changed it, the last one
-    with `finished=True`. Leaving the iteration early (or `aclose`) aborts the request."""
+    with `finished=True`. Leaving the iteration early aborts the request."""
 
     def __init__(self, engine: AsyncEngine, request_id: str, stream: _Stream) -> None:
         self.engine, self.request_id, self._stream = engine, request_id, stream
@@ -47,6 +58,9 @@ class RequestStream:
         try:
             while not finished:
                 item = await self._stream.queue.get()
+                # Outputs are cumulative: a consumer that fell behind takes only the newest.
+                while not isinstance(item, BaseException) and not item.finished and not self._stream.queue.empty():
+                    item = self._stream.queue.get_nowait()
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
@@ -63,9 +77,10 @@ class AsyncEngine:
     def __init__(self, engine: LLMEngine, max_queue_len: int | None = None) -> None:
         self.engine = engine
         self.max_queue_len = max_queue_len
-        self._lock = threading.Lock()  # engine calls: add/abort from the loop, step from the thread
-        self._wake = threading.Event()
+        self._lock = threading.Lock()  # guards _ops and _streams, never held during a step
+        self._ops: list[_Add | str] = []  # queued adds, and request ids to abort
         self._streams: dict[str, _Stream] = {}
+        self._wake = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="lmq-engine", daemon=True)
         self._thread.start()
@@ -74,15 +89,19 @@ class AsyncEngine:
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> RequestStream:
         """Validate and queue a request now (ValueError, QueueFullError and EngineDeadError are
         raised here); iterate the returned stream for its outputs."""
+        ids = self.engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self.engine.validate(ids, params)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
-            if self._stopping or not self._thread.is_alive():
+            if not self.alive:
                 raise EngineDeadError("the engine is shutting down")
-            waiting = len(self.engine.scheduler.waiting)
-            if self.max_queue_len is not None and waiting >= self.max_queue_len:
-                raise QueueFullError(f"the waiting queue is full ({waiting} requests, max_queue_len="
+            if request_id in self._streams:
+                raise ValueError(f"request_id={request_id!r} is already in use")
+            queued = len(self.engine.scheduler.waiting) + sum(isinstance(op, _Add) for op in self._ops)
+            if self.max_queue_len is not None and queued >= self.max_queue_len:
+                raise QueueFullError(f"the waiting queue is full ({queued} requests, max_queue_len="
                                      f"{self.max_queue_len}); retry later")
-            self.engine.add_request(request_id, prompt, params, stream=True)
+            self._ops.append(_Add(request_id, ids, params))
             self._streams[request_id] = stream
         self._wake.set()
         return RequestStream(self, request_id, stream)
@@ -93,27 +112,23 @@ class AsyncEngine:
             yield out
 
     def abort(self, request_id: str) -> None:
+        """Stop a request; its stream gets a last output with finish_reason "abort"."""
         with self._lock:
-            out = self.engine.abort(request_id)
-            stream = self._streams.pop(request_id, None)
-        if out is not None and stream is not None:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+            self._ops.append(request_id)
+        self._wake.set()
 
     @property
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._stopping
 
     def stats(self) -> EngineStats:
-        with self._lock:
-            return self.engine.stats()
+        return self.engine.stats()  # plain counters: a read racing a step is at most one step stale
 
-    def shutdown(self, timeout: float = 10.0) -> None:
+    def shutdown(self, timeout: float = 30.0) -> None:
         """Abort what is still running (each stream gets finish_reason "abort") and stop the thread."""
         with self._lock:
             self._stopping = True
-            ids = list(self._streams)
-        for rid in ids:
-            self.abort(rid)
+            self._ops.extend(self._streams)
         self._wake.set()
         self._thread.join(timeout)
 
@@ -122,31 +137,57 @@ class AsyncEngine:
         while True:
             self._wake.wait()
             with self._lock:
-                if self._stopping:
-                    return
-                if not self.engine.has_unfinished():
-                    self._wake.clear()
-                    continue
+                ops, self._ops = self._ops, []
+                self._wake.clear()
+            outputs = self._apply(ops)
+            if self.engine.has_unfinished():
+                self._wake.set()  # keep stepping
                 try:
-                    outputs = self.engine.step()
-                except Exception as e:  # a bug, not user input: fail the in-flight requests, keep serving
+                    outputs += self.engine.step()
+                except Exception as e:  # a bug, not user input: fail the requests in flight, keep serving
                     log.exception("lmq: engine step failed; aborting the requests in flight")
                     self._fail_all(e)
-                    continue
-                deliveries = [(self._stream_for(o), o) for o in outputs]
-            for stream, out in deliveries:
-                if stream is not None:
-                    stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+            self._deliver(outputs)
+            if self._stopping and not self.engine.has_unfinished():
+                with self._lock:
+                    if not self._ops:
+                        return
 
-    def _stream_for(self, out: RequestOutput) -> _Stream | None:
-        """The request's stream; a finished request's stream is delivered to one last time."""
-        if out.finished:
-            return self._streams.pop(out.request_id, None)
-        return self._streams.get(out.request_id)
+    def _apply(self, ops: list[_Add | str]) -> list[RequestOutput]:
+        outputs = []
+        for op in ops:
+            if isinstance(op, _Add):
+                try:
+                    self.engine.add_request(op.request_id, op.prompt_ids, op.params, stream=True)
+                except ValueError as e:  # validated before, so only a race on the request id gets here
+                    self._send(op.request_id, e)
+            elif (out := self.engine.abort(op)) is not None:
+                outputs.append(out)
+        return outputs
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """One wake-up per event loop for the whole step, not one per request."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = defaultdict(list)
+        with self._lock:
+            for out in outputs:
+                stream = self._streams.pop(out.request_id, None) if out.finished else self._streams.get(out.request_id)
+                if stream is not None:
+                    by_loop[stream.loop].append((stream.queue, out))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
+
+    def _send(self, request_id: str, item: object) -> None:
+        with self._lock:
+            stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
 
     def _fail_all(self, error: Exception) -> None:
         for rid in list(self.engine.requests):
             self.engine.abort(rid)
-            stream = self._streams.pop(rid, None)
-            if stream is not None:
-                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
+            self._send(rid, error)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)

@@ -76,7 +76,7 @@ class LLMEngine:
             raise ValueError(f"request_id={request_id!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self._validate(ids, params)
+        self.validate(ids, params)
         req = Request(request_id, text, ids, params)
         seq = self._new_seq(req, 0, list(ids))
         self.requests[request_id] = req
@@ -84,7 +84,9 @@ class LLMEngine:
             self.streaming.add(request_id)
         self.scheduler.add(seq)
 
-    def _validate(self, ids: list[int], params: SamplingParams) -> None:
+    def validate(self, ids: list[int], params: SamplingParams) -> None:
+        """Refuse a request the engine could never serve. Reads only fixed configuration, so any
+        thread may call it."""
         vocab = self.config.model.vocab_size
         if not ids:
             raise ValueError("prompt is empty: at least 1 token is required")

@@ -12,6 +12,8 @@ _CONTEXT_TOKENS = 5  # prompt tokens decoded with the output so leading spaces/m
 class Tokenizer:
     def __init__(self, path: str) -> None:
         self.hf = AutoTokenizer.from_pretrained(path)
+        if not self.hf.is_fast:
+            raise ValueError(f"the tokenizer in {path} is not a fast (Rust) tokenizer; lmq needs tokenizer.json")
 
     @property
     def eos_token_id(self) -> int | None:
@@ -32,22 +34,28 @@ class Tokenizer:
 
 
 class Detokenizer:
-    """Turns each new token of a sequence into new text, and applies stop strings."""
+    """Turns each new token of a sequence into new text, and applies stop strings.
+
+    Incremental decoding re-decodes a short window, `token_ids[prefix_offset:]` against
+    `token_ids[prefix_offset:read_offset]`, and holds text back while it ends in an incomplete
+    character (U+FFFD). It decodes with the Rust tokenizer directly (no Python post-processing),
+    as `full_text` does, so the streamed text is always a prefix of the final text.
+    """
 
     def __init__(self, tokenizer: Tokenizer) -> None:
-        self.tokenizer = tokenizer
+        self.backend = tokenizer.hf.backend_tokenizer
 
     def start(self, seq: Sequence) -> None:
+        # A few prompt tokens of context, so the first output token's leading space is right.
         seq.prefix_offset = max(seq.num_prompt_tokens - _CONTEXT_TOKENS, 0)
         seq.read_offset = seq.num_prompt_tokens
 
     def step(self, seq: Sequence) -> str:
-        """Decode the sequence's newest token; returns the text it adds (may be "" while a
-        multi-byte character is incomplete). Finishes the sequence on a stop string."""
-        skip = seq.params.skip_special_tokens
-        toks = seq.token_ids
-        prefix = self.tokenizer.decode(toks[seq.prefix_offset:seq.read_offset], skip)
-        full = self.tokenizer.decode(toks[seq.prefix_offset:], skip)
+        """Decode the sequence's newest token; returns the text it adds ("" while a character is
+        incomplete). Finishes the sequence on a stop string."""
+        skip, toks = seq.params.skip_special_tokens, seq.token_ids
+        prefix = self.backend.decode(toks[seq.prefix_offset:seq.read_offset], skip_special_tokens=skip)
+        full = self.backend.decode(toks[seq.prefix_offset:], skip_special_tokens=skip)
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
             return ""
         delta = full[len(prefix):]
@@ -73,5 +81,5 @@ class Detokenizer:
         """The output text of token_ids[:end] at once, equal to what `step` builds token by token."""
         skip = seq.params.skip_special_tokens
         start = max(seq.num_prompt_tokens - _CONTEXT_TOKENS, 0)
-        prefix = self.tokenizer.decode(seq.token_ids[start:seq.num_prompt_tokens], skip)
-        return self.tokenizer.decode(seq.token_ids[start:end], skip)[len(prefix):]
+        prefix = self.backend.decode(seq.token_ids[start:seq.num_prompt_tokens], skip_special_tokens=skip)
+        return self.backend.decode(seq.token_ids[start:end], skip_special_tokens=skip)[len(prefix):]

@@ -124,6 +124,10 @@ def start(job: Job, route: Route) -> list[RequestStream]:
 
 async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Outputs of several request streams as they come, tagged with the prompt index."""
+    if len(streams) == 1:  # the common case: no pump task, no extra queue
+        async for out in streams[0]:
+            yield 0, out
+        return
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 

@@ -308,3 +308,25 @@ def test_lmq_serve_prints_url_and_aborts_streams_on_signal(tiny_models, sig):
         assert proc.wait(timeout=20) == 0
     finally:
         proc.kill()
+
+
+def test_engine_loop_survives_a_failed_step(server, client):
+    engine = _engine(server).engine
+    real_step = engine.step
+    calls = {"n": 0}
+
+    def failing_once():
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected step failure")
+        return real_step()
+
+    engine.step = failing_once
+    try:
+        broken = _post(server, "/v1/completions", {"model": MODEL, "prompt": "The quick", "max_tokens": 4})
+        _assert_error(broken, 500, "internal error")
+        ok = client.completions.create(model=MODEL, prompt="The quick", max_tokens=4)
+        assert ok.choices[0].finish_reason in ("stop", "length")
+    finally:
+        engine.step = real_step
+    _wait_idle(server)

@@ -1,0 +1,207 @@
+"""Server load: N concurrent streaming clients over loopback against `lmq serve`, compared with
+the offline engine on the same requests, on the same device, in the same run.
+
+    python bench/serve_load.py                                      # CPU, the built-in model
+    python bench/serve_load.py --random-1b --clients 64 256         # GPU, Llama-3.2-1B-shaped model
+
+The server runs in its own process (`python -m lmq.cli serve`), so the load generator does not
+share its interpreter. Each client sends --requests-per-client streaming /v1/completions requests
+one after another (random token-id prompts, exactly --output-len tokens, greedy). Reported:
+requests/s, output tokens/s, TTFT and inter-token latency p50/p99, errors, KV blocks free after
+the drain, and server throughput as a share of the offline engine's on the same requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import torch
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).parent))
+from throughput import make_prompts, make_random_1b  # noqa: E402
+
+from lmq import LLM, SamplingParams  # noqa: E402
+from lmq.weights import resolve_model  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Load:
+    ttft: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+    tokens: int = 0
+    errors: int = 0
+    done: int = 0
+
+
+def _pct(xs: list[float], q: float) -> float:
+    return statistics.quantiles(xs, n=100)[q - 1] if len(xs) > 1 else (xs[0] if xs else float("nan"))
+
+
+async def _one(client: httpx.AsyncClient, url: str, prompt: list[int], output_len: int, load: Load) -> None:
+    body = {"model": "bench", "prompt": prompt, "max_tokens": output_len, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    last = None
+    try:
+        async with client.stream("POST", url + "/v1/completions", json=body) as resp:
+            if resp.status_code != 200:
+                load.errors += 1
+                return
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                now = time.perf_counter()
+                if chunk.get("usage"):
+                    load.tokens += chunk["usage"]["completion_tokens"]
+                elif chunk["choices"] and chunk["choices"][0]["text"]:
+                    if last is None:
+                        load.ttft.append(now - t0)
+                    else:
+                        load.itl.append(now - last)
+                    last = now
+        load.done += 1
+    except httpx.HTTPError:
+        load.errors += 1
+
+
+async def run_load(url: str, prompts: list[list[int]], clients: int, output_len: int) -> tuple[Load, float]:
+    load = Load()
+    per_client = [prompts[i::clients] for i in range(clients)]
+    limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+        async def worker(ps: list[list[int]]) -> None:
+            for p in ps:
+                await _one(client, url, p, output_len, load)
+
+        t = time.perf_counter()
+        await asyncio.gather(*(worker(ps) for ps in per_client))
+        return load, time.perf_counter() - t
+
+
+def offline_tok_s(folder: str, prompts: list[list[int]], warmup: list[list[int]], output_len: int,
+                  opts: dict) -> float:
+    llm = LLM(folder, **opts)
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    llm.generate(warmup, params)  # graphs, kernels; other prompts, so no prefix-cache hits later
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    del llm
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return tokens / elapsed
+
+
+def start_server(folder: str, opts: dict, log: Path) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "lmq.cli", "serve", folder, "--port", str(port), "--served-model-name", "bench"]
+    for k, v in opts.items():
+        cmd += [f"--{k.replace('_', '-')}", str(v)]
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited: see {log}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("the server did not start")
+
+
+def free_blocks(url: str) -> int:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith("lmq_kv_cache_free_blocks "):
+            return int(float(line.split()[1]))
+    raise RuntimeError("no lmq_kv_cache_free_blocks in /metrics")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--random-1b", action="store_true")
+    ap.add_argument("--tokenizer", default=None)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--clients", type=int, nargs="+", default=[64, 256])
+    ap.add_argument("--requests-per-client", type=int, default=1)
+    ap.add_argument("--input-len", type=int, default=64)
+    ap.add_argument("--output-len", type=int, default=32)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="lmq-serve-load-"))
+    if args.random_1b:
+        folder = str(make_random_1b(tmp / "model", args.tokenizer or resolve_model(None), args.device))
+    else:
+        folder = resolve_model(args.model)
+    rows = []
+    for n in tqdm(args.clients, desc="client counts"):
+        prompts = make_prompts(n * args.requests_per_client, args.input_len, 32000, seed=n)
+        warmup = make_prompts(n, args.input_len, 32000, seed=10_000 + n)
+        max_len = args.input_len + args.output_len + 16
+        # Same KV cache for both sides: room for every concurrent sequence at full length.
+        blocks = n * -(-max_len // 16) + 16
+        opts = {"device": args.device, "max_num_seqs": n, "max_model_len": max_len, "num_kv_blocks": blocks}
+        offline = offline_tok_s(folder, prompts, warmup, args.output_len, opts)
+        proc, url = start_server(folder, opts, tmp / f"server-{n}.log")
+        try:
+            asyncio.run(run_load(url, warmup, n, args.output_len))  # warm-up: graphs, connections
+            load, elapsed = asyncio.run(run_load(url, prompts, n, args.output_len))
+            time.sleep(0.5)
+            free = free_blocks(url)
+        finally:
+            proc.terminate()
+            proc.wait(60)
+        rows.append({"clients": n, "requests": len(prompts), "req_s": load.done / elapsed,
+                     "out_tok_s": load.tokens / elapsed, "offline_tok_s": offline,
+                     "server_share_of_offline": load.tokens / elapsed / offline,
+                     "ttft_p50_ms": 1e3 * _pct(load.ttft, 50), "ttft_p99_ms": 1e3 * _pct(load.ttft, 99),
+                     "itl_p50_ms": 1e3 * _pct(load.itl, 50), "itl_p99_ms": 1e3 * _pct(load.itl, 99),
+                     "errors": load.errors, "free_blocks_after": free, "num_blocks": blocks})
+    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    print(f"\nmodel={'random-1b' if args.random_1b else folder} device={dev} input_len<={args.input_len} "
+          f"output_len={args.output_len} requests/client={args.requests_per_client}")
+    print(f"{'clients':>7} {'req/s':>7} {'tok/s':>8} {'offline':>8} {'share':>6} {'TTFT p50/p99 ms':>16} "
+          f"{'ITL p50/p99 ms':>15} {'errors':>6} {'free/blocks':>11}")
+    for r in rows:
+        print(f"{r['clients']:>7} {r['req_s']:>7.2f} {r['out_tok_s']:>8.1f} {r['offline_tok_s']:>8.1f} "
+              f"{r['server_share_of_offline']:>6.1%} {r['ttft_p50_ms']:>7.0f}/{r['ttft_p99_ms']:<8.0f} "
+              f"{r['itl_p50_ms']:>6.1f}/{r['itl_p99_ms']:<8.1f} {r['errors']:>6} "
+              f"{r['free_blocks_after']:>5}/{r['num_blocks']:<5}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": dev, "rows": rows}, indent=1))
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
