@@ -159,7 +159,7 @@ class AsyncEngine:
             if isinstance(op, _Add):
                 try:
                     self.engine.add_request(op.request_id, op.prompt_ids, op.params, stream=True)
-                except ValueError as e:  # validated before, so only a race on the request id gets here
+                except Exception as e:  # validated before: a race on the request id, or a bug
                     self._send(op.request_id, e)
             elif (out := self.engine.abort(op)) is not None:
                 outputs.append(out)

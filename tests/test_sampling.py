@@ -55,8 +55,10 @@ INVALID = [("n", 0, ">= 1"), ("temperature", -1, "[0, 100]"), ("top_p", 0, "(0, 
            ("top_k", -2, ">= 1"), ("min_p", 1.5, "[0, 1]"), ("repetition_penalty", 0, "(0, 10]"),
            ("presence_penalty", 3, "[-2, 2]"), ("frequency_penalty", -3, "[-2, 2]"), ("max_tokens", 0, ">= 1"),
            ("logprobs", 21, "[0, 20]"), ("seed", "x", "integer"), ("stop", [""], "non-empty strings"),
-           # BUG: non-integers pass the range checks; logprobs=2.5 then crashes Sampler (topk) mid-step.
-           ("logprobs", 2.5, "[0, 20]"), ("prompt_logprobs", 1.5, "[0, 20]"), ("max_tokens", 2.5, ">= 1")]
+           # Non-integers must not pass the range checks (logprobs=2.5 would crash the sampler mid-step),
+           # nor seeds a torch.Generator cannot take (it would fail in the engine thread).
+           ("logprobs", 2.5, "[0, 20]"), ("prompt_logprobs", 1.5, "[0, 20]"), ("max_tokens", 2.5, ">= 1"),
+           ("seed", 2**64, "[-2^63, 2^63)")]
 
 
 @pytest.mark.parametrize(("name", "value", "allowed"), INVALID, ids=[f"{n}={v!r}" for n, v, _ in INVALID])

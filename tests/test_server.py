@@ -176,6 +176,7 @@ def _assert_error(resp: httpx.Response, status: int, *words: str) -> dict:
     ({"model": MODEL, "messages": CHAT, "top_p": 0}, ["top_p=0", "(0, 1]"], "top_p"),
     ({"model": MODEL, "messages": CHAT, "n": 0}, ["n=0", ">= 1"], "n"),
     ({"model": MODEL, "messages": CHAT, "top_logprobs": 3}, ["requires logprobs"], "top_logprobs"),
+    ({"model": MODEL, "messages": CHAT, "seed": 2**64}, ["seed=18446744073709551616", "2^63"], "seed"),
     ({"model": MODEL, "messages": []}, ["messages"], "messages"),
     ({"model": MODEL}, ["messages", "Field required"], "messages"),
     ({"model": MODEL, "messages": "hi"}, ["messages"], "messages"),
