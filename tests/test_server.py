@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import openai
@@ -283,9 +282,8 @@ def test_lmq_serve_prints_url_and_aborts_streams_on_signal(tiny_models, sig):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    exe = str(Path(sys.executable).with_name("lmq"))
-    proc = subprocess.Popen([exe, "serve", str(tiny_models["llama"]), "--port", str(port), "--device", "cpu",
-                             "--served-model-name", MODEL, "--kv-cache-gb", "0.05"],
+    proc = subprocess.Popen([sys.executable, "-m", "lmq.cli", "serve", str(tiny_models["llama"]), "--port", str(port),
+                             "--device", "cpu", "--served-model-name", MODEL, "--kv-cache-gb", "0.05"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         banner = proc.stdout.readline()
