@@ -15,7 +15,7 @@ import asyncio
 import logging
 import threading
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
 from lmq.engine import EngineStats, LLMEngine
@@ -23,6 +23,9 @@ from lmq.sampling import SamplingParams
 from lmq.sequence import RequestOutput
 
 log = logging.getLogger("lmq")
+
+
+Deliveries = dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]]  # per loop: (queue, item)
 
 
 class QueueFullError(RuntimeError):
@@ -44,6 +47,7 @@ class _Add:
     request_id: str
     prompt_ids: list[int]  # tokenized on the caller's thread
     params: SamplingParams
+    stream: bool  # outputs after every step, or only the finished one
 
 
 class RequestStream:
@@ -86,12 +90,14 @@ class AsyncEngine:
         self._thread.start()
 
     # -- client side (event loop) --------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> RequestStream:
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    stream: bool = True) -> RequestStream:
         """Validate and queue a request now (ValueError, QueueFullError and EngineDeadError are
-        raised here); iterate the returned stream for its outputs."""
+        raised here); iterate the returned stream for its outputs: one per step that changed it
+        with `stream`, else only the finished one."""
         ids = self.engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self.engine.validate(ids, params)
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        channel = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
             if not self.alive:
                 raise EngineDeadError("the engine is shutting down")
@@ -101,15 +107,10 @@ class AsyncEngine:
             if self.max_queue_len is not None and queued >= self.max_queue_len:
                 raise QueueFullError(f"the waiting queue is full ({queued} requests, max_queue_len="
                                      f"{self.max_queue_len}); retry later")
-            self._ops.append(_Add(request_id, ids, params))
-            self._streams[request_id] = stream
+            self._ops.append(_Add(request_id, ids, params, stream))
+            self._streams[request_id] = channel
         self._wake.set()
-        return RequestStream(self, request_id, stream)
-
-    async def generate(self, request_id: str, prompt: str | list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        async for out in self.add_request(request_id, prompt, params):
-            yield out
+        return RequestStream(self, request_id, channel)
 
     def abort(self, request_id: str) -> None:
         """Stop a request; its stream gets a last output with finish_reason "abort"."""
@@ -134,6 +135,17 @@ class AsyncEngine:
 
     # -- engine thread -------------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # never leave a stream waiting on a dead thread
+            log.exception("lmq: the engine thread stopped")
+            with self._lock:
+                self._stopping = True
+                streams, self._streams = list(self._streams.values()), {}
+            dead = EngineDeadError(f"the engine thread stopped: {type(e).__name__}: {e}")
+            self._post(_group((st, dead) for st in streams))
+
+    def _loop(self) -> None:
         while True:
             self._wake.wait()
             with self._lock:
@@ -158,7 +170,7 @@ class AsyncEngine:
         for op in ops:
             if isinstance(op, _Add):
                 try:
-                    self.engine.add_request(op.request_id, op.prompt_ids, op.params, stream=True)
+                    self.engine.add_request(op.request_id, op.prompt_ids, op.params, stream=op.stream)
                 except Exception as e:  # validated before: a race on the request id, or a bug
                     self._send(op.request_id, e)
             elif (out := self.engine.abort(op)) is not None:
@@ -167,25 +179,40 @@ class AsyncEngine:
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         """One wake-up per event loop for the whole step, not one per request."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = defaultdict(list)
+        pairs = []
         with self._lock:
             for out in outputs:
                 stream = self._streams.pop(out.request_id, None) if out.finished else self._streams.get(out.request_id)
                 if stream is not None:
-                    by_loop[stream.loop].append((stream.queue, out))
-        for loop, items in by_loop.items():
-            loop.call_soon_threadsafe(_put_all, items)
+                    pairs.append((stream, out))
+        self._post(_group(pairs))
 
     def _send(self, request_id: str, item: object) -> None:
         with self._lock:
             stream = self._streams.pop(request_id, None)
         if stream is not None:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+            self._post(_group([(stream, item)]))
+
+    @staticmethod
+    def _post(by_loop: Deliveries) -> None:
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that event loop is closed: nobody is left to read these
+                pass
 
     def _fail_all(self, error: Exception) -> None:
         for rid in list(self.engine.requests):
             self.engine.abort(rid)
             self._send(rid, error)
+
+
+def _group(pairs: Iterable[tuple[_Stream, object]]) -> Deliveries:
+    """(stream, item) pairs -> per event loop, the (queue, item) pairs to put there."""
+    by_loop: Deliveries = defaultdict(list)
+    for stream, item in pairs:
+        by_loop[stream.loop].append((stream.queue, item))
+    return by_loop
 
 
 def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:

@@ -102,6 +102,9 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         _check(self.backend in ("pytorch", "turbomind"), "backend", self.backend, "'pytorch' or 'turbomind'")
+        # Positions past the model's rope table and graph buckets must never be scheduled.
+        _check(self.scheduler.max_model_len <= self.model.max_model_len, "max_model_len",
+               self.scheduler.max_model_len, f"<= the model's max_model_len={self.model.max_model_len}")
 
     def with_num_kv_blocks(self, num_blocks: int) -> EngineConfig:
         return dataclasses.replace(self, cache=dataclasses.replace(self.cache, num_kv_blocks=num_blocks))

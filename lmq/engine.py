@@ -118,6 +118,7 @@ class LLMEngine:
         req = self.requests.pop(request_id, None)
         if req is None:
             return None
+        req.aborted = True
         for seq in req.seqs:
             if not seq.is_finished:
                 seq.finish("abort")
@@ -135,7 +136,8 @@ class LLMEngine:
 
     # -- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model, sample, and report every request that changed."""
+        """Schedule, run the model, sample. Returns an output for every request that finished,
+        and for every streaming request that changed."""
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return []
@@ -154,7 +156,7 @@ class LLMEngine:
                 self._append(seq, tok, lp)
                 seq.request.first_token_time = seq.request.first_token_time or now
                 touched[seq.request.request_id] = seq.request
-        return [self._output(req) for req in touched.values()]
+        return [out for req in touched.values() if (out := self._output(req)) is not None]
 
     @staticmethod
     def _sampler_row(seq: Sequence) -> SamplerRow:
@@ -221,9 +223,9 @@ class LLMEngine:
                 # incomplete character at the end).
                 seq.text = self.detokenizer.full_text(seq, seq.num_tokens - hide_stop_token)
 
-    def _output(self, req: Request) -> RequestOutput:
-        out = RequestOutput.from_request(req)
+    def _output(self, req: Request) -> RequestOutput | None:
         if req.is_finished:
             self.requests.pop(req.request_id, None)
             self.streaming.discard(req.request_id)
-        return out
+            return RequestOutput.from_request(req)
+        return RequestOutput.from_request(req) if req.request_id in self.streaming else None

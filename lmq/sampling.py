@@ -136,7 +136,7 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplerRow]) -> torch.Tenso
 def _mask_top_k_top_p_min_p(logits: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
     """logits: [B, V] already divided by temperature. Returns logits with -inf outside the kept set."""
     vocab = logits.shape[1]
-    top_k = [r.params.top_k if r.params.top_k > 0 else vocab for r in rows]
+    top_k = [min(r.params.top_k, vocab) if r.params.top_k > 0 else vocab for r in rows]
     top_p = [r.params.top_p for r in rows]
     min_p = [r.params.min_p for r in rows]
     dev = logits.device

@@ -86,10 +86,11 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     prompt_logprobs: list[dict[int, Logprob] | None] = field(default_factory=list)
     first_token_time: float | None = None
+    aborted: bool = False  # also before an n > 1 request has forked its samples
 
     @property
     def is_finished(self) -> bool:
-        return len(self.seqs) == self.params.n and all(s.is_finished for s in self.seqs)
+        return self.aborted or (len(self.seqs) == self.params.n and all(s.is_finished for s in self.seqs))
 
     @property
     def needs_fork(self) -> bool:
@@ -121,14 +122,16 @@ class RequestOutput:
 
     @staticmethod
     def from_request(req: Request) -> RequestOutput:
+        """A snapshot (copies, not views: the engine keeps appending to the sequences). While a
+        sequence runs, text that may still turn out to begin a stop string is held back."""
+        hold = max((len(x) for x in req.params.stop), default=1) - 1
         outs = []
         for s in req.seqs:
-            lps = s.logprobs if req.params.logprobs is not None else None
-            cum = None
-            if lps is not None:
-                cum = sum(lp[t].logprob for lp, t in zip(lps, s.output_token_ids))
-            outs.append(CompletionOutput(s.sample_index, s.text, list(s.output_token_ids), s.finish_reason,
-                                         s.stop_reason, lps, cum))
+            ids = s.output_token_ids
+            lps = list(s.logprobs) if req.params.logprobs is not None else None
+            cum = sum(lp[t].logprob for lp, t in zip(lps, ids)) if lps is not None else None
+            text = s.text if s.is_finished or not hold else s.text[:max(len(s.text) - hold, 0)]
+            outs.append(CompletionOutput(s.sample_index, text, ids, s.finish_reason, s.stop_reason, lps, cum))
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.is_finished,
                              req.prompt_logprobs if req.params.prompt_logprobs is not None else None,
                              req.seqs[0].num_cached_tokens if req.seqs else 0, req.arrival_time,

@@ -100,12 +100,12 @@ def completion_job(req: CompletionRequest, route: Route) -> Job:
     return Job("text", f"cmpl-{uuid.uuid4().hex}", route.name, ids, params, include, req.return_tokens_as_token_ids)
 
 
-def start(job: Job, route: Route) -> list[RequestStream]:
+def start(job: Job, route: Route, stream: bool) -> list[RequestStream]:
     """Queue every prompt of the job; on any refusal, abort the ones already queued."""
     streams: list[RequestStream] = []
     try:
         for i, prompt in enumerate(job.prompts):
-            streams.append(route.engine.add_request(f"{job.id}-{i}", prompt, job.params))
+            streams.append(route.engine.add_request(f"{job.id}-{i}", prompt, job.params, stream))
     except BaseException as e:
         for s in streams:
             s.abort()
@@ -208,7 +208,7 @@ def _observe(metrics: Metrics, job: Job, outs: dict[int, RequestOutput]) -> tupl
 # -- responses ---------------------------------------------------------------------------------
 async def respond(job: Job, route: Route, request: Request, metrics: Metrics,
                   stream: bool) -> JSONResponse | StreamingResponse:
-    streams = start(job, route)
+    streams = start(job, route, stream)
     if stream:
         return StreamingResponse(_sse(job, route, streams, metrics), media_type="text/event-stream")
     return await _whole(job, route, streams, request, metrics)
@@ -265,7 +265,17 @@ def _sse_chunk(job: Job, choices: list[dict], usage: dict | None = None) -> str:
 
 
 async def _sse(job: Job, route: Route, streams: list[RequestStream], metrics: Metrics) -> AsyncIterator[str]:
-    """role chunk, content deltas, a finish_reason chunk per choice, the usage chunk, [DONE]."""
+    """role chunk, content deltas, a finish_reason chunk per choice, the usage chunk, [DONE].
+    However the response ends (a client gone before the first chunk too), its requests stop."""
+    try:
+        async for chunk in _sse_chunks(job, route, streams, metrics):
+            yield chunk
+    finally:
+        for s in streams:
+            s.abort()  # a no-op for finished requests
+
+
+async def _sse_chunks(job: Job, route: Route, streams: list[RequestStream], metrics: Metrics) -> AsyncIterator[str]:
     n = job.params.n
     sent_text: dict[int, int] = {}
     sent_toks: dict[int, int] = {}
@@ -285,7 +295,7 @@ async def _sse(job: Job, route: Route, streams: list[RequestStream], metrics: Me
             new_text, new_toks = c.text[t0:], c.token_ids[k0:]
             sent_text[idx], sent_toks[idx] = len(c.text), len(c.token_ids)
             if new_text or (new_toks and job.params.logprobs is not None):
-                lps = _logprobs(job, route, new_toks, c.logprobs[k0:] if c.logprobs else None, t0)
+                lps = _logprobs(job, route, new_toks, c.logprobs[k0:len(c.token_ids)] if c.logprobs else None, t0)
                 deltas.append(_choice(job, idx, new_text, lps, None))
             if c.finish_reason is not None:
                 done.add(idx)

@@ -103,3 +103,16 @@ def hf_greedy(folder: Path, prompts: list[list[int]], max_new_tokens: int, dtype
 def random_prompts(n: int, lengths: list[int], seed: int, vocab: int = VOCAB) -> list[list[int]]:
     g = torch.Generator().manual_seed(SEED + seed)
     return [torch.randint(3, vocab, (lengths[i % len(lengths)],), generator=g).tolist() for i in range(n)]
+
+
+PROMPTS = ("The quick brown", "Hello", "What is", "lmq serves", "Blocked KV", "The capital", "fine-tuned")
+
+
+def plain_piece(text: str, width: int) -> str | None:
+    """A substring of printable ASCII characters after the first one: random models also emit
+    bytes that decode to no text, and those make poor stop strings."""
+    for i in range(1, len(text) - width + 1):
+        piece = text[i:i + width]
+        if all(c.isascii() and c.isprintable() and not c.isspace() for c in piece):
+            return piece
+    return None

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
-from conftest import random_prompts
+from conftest import PROMPTS, plain_piece, random_prompts
 from lmq import LLM, SamplingParams
 
 
@@ -97,3 +99,30 @@ def test_backend_choice(tiny_models):
         LLM(str(tiny_models["llama"]), device="cpu", backend="tensorrt")
     llm = LLM(str(tiny_models["llama"]), device="cpu", backend="auto", kv_cache_gb=0.01)
     assert llm.engine.config.backend == "pytorch"
+
+
+def test_abort_before_fork_finishes_the_request(llm):
+    eng = llm.engine
+    eng.add_request("fork", [5, 6, 7, 8], SamplingParams(n=3, max_tokens=5))
+    out = eng.abort("fork")  # still waiting: only sample 0 exists
+    assert out.finished and [c.finish_reason for c in out.outputs] == ["abort"]
+    _idle(llm)
+
+
+def test_huge_top_k_is_clamped_to_the_vocabulary(llm):
+    out = llm.generate([5, 6, 7], SamplingParams(top_k=10**30, top_p=0.9, max_tokens=4, seed=1))[0]
+    assert len(out.outputs[0].token_ids) == 4
+    _idle(llm)
+
+
+def test_streamed_text_never_shows_a_stop_string_it_later_cuts(llm):
+    params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
+    for prompt in PROMPTS:
+        text = llm.generate(prompt, params)[0].outputs[0].text
+        if stop := plain_piece(text, 2):  # spans two tokens whenever its characters come from two
+            break
+    assert stop, "no output with two plain characters"
+    whole = llm.generate(prompt, replace(params, stop=(stop,)))[0].outputs[0].text
+    deltas = list(llm.stream(prompt, replace(params, stop=(stop,))))
+    assert "".join(deltas) == whole == text[:text.index(stop)]
+    _idle(llm)

@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import random_prompts
+from conftest import PROMPTS, plain_piece, random_prompts
 from lmq import LLM, SamplingParams
 from lmq.llm import build_engine_config
 from serve.server import BackgroundServer, make_app
@@ -120,11 +120,10 @@ def test_n_stop_and_seed(client):
     assert [c.message.content for c in other.choices] != [c.message.content for c in r.choices]
     # A random model emits many bytes that are no text: find an output with a plain character
     # past its start, and stop on it.
-    for prompt in ("The quick", "Hello", "What is", "lmq serves", "Blocked KV", "The capital"):
+    for prompt in PROMPTS:
         text = client.completions.create(model=MODEL, prompt=prompt, max_tokens=48, temperature=0,
                                          extra_body={"ignore_eos": True}).choices[0].text
-        stop = next((c for c in text[1:] if c.isascii() and c.isprintable() and not c.isspace()), None)
-        if stop:
+        if stop := plain_piece(text, 1):
             break
     assert stop, "no output with a plain character"
     cut = client.completions.create(model=MODEL, prompt=prompt, max_tokens=48, temperature=0, stop=[stop],
