@@ -147,9 +147,3 @@ class Scheduler:
             seq.num_computed_tokens = s.start + s.num_new_tokens
             if seq.seq_id in self.blocks.tables:
                 self.blocks.cache_full_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
-
-    def kv_slot_usage(self) -> tuple[int, int]:
-        """(slots allocated to running sequences, slots holding computed tokens)."""
-        allocated = sum(len(self.blocks.block_table(s.seq_id)) for s in self.running) * self.blocks.block_size
-        used = sum(s.num_computed_tokens for s in self.running)
-        return allocated, used

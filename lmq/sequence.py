@@ -17,7 +17,7 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # identity, not field-by-field: sequences are looked up in lists every step
 class Sequence:
     """One sample of a request: its tokens and how far the KV cache has computed them.
 
@@ -73,7 +73,7 @@ class Sequence:
         self.stop_reason = stop_reason
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
     """A prompt and its n samples. Sample 0 computes the prompt; the others fork from it
     once the prompt is in the cache, sharing its full KV blocks."""

@@ -70,6 +70,7 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.model = load_model(config.model, ops, config.device)
         self.kv_caches: torch.Tensor | None = None
+        self.scratch_block = 0  # the cache's last block, set with the cache
         self.graphs: DecodeGraphs | None = None
 
     # -- KV cache ------------------------------------------------------------------------------
@@ -202,7 +203,7 @@ class ModelRunner:
         """Flat [B, nb] rows padded with the scratch block; nb covers each seq's positions up to this step."""
         bs = self.block_size
         nb = max((-(-(s.start + s.num_new_tokens) // bs) for s in seqs), default=0)
-        pad = getattr(self, "scratch_block", 0)
+        pad = self.scratch_block
         flat: list[int] = []
         for s in seqs:
             row = s.block_table[:nb]
