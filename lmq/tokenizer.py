@@ -47,7 +47,7 @@ class Detokenizer:
 
     def start(self, seq: Sequence) -> None:
         # A few prompt tokens of context, so the first output token's leading space is right.
-        seq.prefix_offset = max(seq.num_prompt_tokens - _CONTEXT_TOKENS, 0)
+        seq.prefix_offset = _context_start(seq)
         seq.read_offset = seq.num_prompt_tokens
 
     def step(self, seq: Sequence) -> str:
@@ -80,6 +80,11 @@ class Detokenizer:
     def full_text(self, seq: Sequence, end: int | None = None) -> str:
         """The output text of token_ids[:end] at once, equal to what `step` builds token by token."""
         skip = seq.params.skip_special_tokens
-        start = max(seq.num_prompt_tokens - _CONTEXT_TOKENS, 0)
+        start = _context_start(seq)
         prefix = self.backend.decode(seq.token_ids[start:seq.num_prompt_tokens], skip_special_tokens=skip)
         return self.backend.decode(seq.token_ids[start:end], skip_special_tokens=skip)[len(prefix):]
+
+
+def _context_start(seq: Sequence) -> int:
+    """First prompt token decoded together with the output."""
+    return max(seq.num_prompt_tokens - _CONTEXT_TOKENS, 0)

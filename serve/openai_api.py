@@ -21,8 +21,9 @@ from serve.metrics import Metrics
 from serve.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 from serve.router import Route
 
-_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "presence_penalty": 0.0,
-             "frequency_penalty": 0.0, "repetition_penalty": 1.0}
+# Optional request fields that map one to one onto SamplingParams; unset ones keep its defaults.
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                    "repetition_penalty")
 
 
 @dataclass
@@ -42,11 +43,11 @@ class Job:
 
 def sampling_params(req: ChatCompletionRequest | CompletionRequest, max_tokens: int | None,
                     logprobs: int | None) -> SamplingParams:
-    values = {k: getattr(req, k) if getattr(req, k) is not None else v for k, v in _DEFAULTS.items()}
-    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-    try:
-        return SamplingParams(n=req.n, max_tokens=max_tokens, stop=stop, stop_token_ids=tuple(req.stop_token_ids or ()),
-                              seed=req.seed, ignore_eos=req.ignore_eos, logprobs=logprobs, **values)
+    values = {k: getattr(req, k) for k in _SAMPLING_FIELDS if getattr(req, k) is not None}
+    try:  # SamplingParams normalizes stop / stop_token_ids (a string, a list or None)
+        return SamplingParams(n=req.n, max_tokens=max_tokens, stop=req.stop or (),
+                              stop_token_ids=req.stop_token_ids or (), seed=req.seed, ignore_eos=req.ignore_eos,
+                              logprobs=logprobs, **values)
     except ValueError as e:
         raise bad_value(e) from None
 
