@@ -5,7 +5,7 @@ A sequence's block table maps its token positions to physical blocks:
     position p  ->  block table[p // block_size], slot p % block_size
 
 Prefix caching: once a block is full and computed, it gets a key chained from the previous
-block's hash, its tokens and an extra key (the adapter, later), so equal prefixes map to
+block's hash, its tokens and an extra key (the adapter's id), so equal prefixes map to
 equal keys. A new sequence whose leading full blocks match cached keys reuses those blocks
 instead of recomputing them.
 

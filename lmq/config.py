@@ -91,10 +91,28 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    """Multi-LoRA: `max_loras` device slots hold the adapters one step may use (the scheduler
+    never mixes more); `max_cpu_loras` adapters stay loaded in host memory (LRU), the rest are
+    read from disk again on demand."""
+
+    max_loras: int = 8
+    max_lora_rank: int = 64
+    max_cpu_loras: int = 32
+
+    def __post_init__(self) -> None:
+        _check(self.max_loras >= 1, "max_loras", self.max_loras, ">= 1")
+        _check(self.max_lora_rank >= 1, "max_lora_rank", self.max_lora_rank, ">= 1")
+        _check(self.max_cpu_loras >= self.max_loras, "max_cpu_loras", self.max_cpu_loras,
+               f">= max_loras={self.max_loras}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    lora: LoRAConfig | None = None  # None: no adapters can be served
     backend: str = "pytorch"
     device: str = "cpu"
     enable_cuda_graph: bool = True  # decode steps on CUDA replay captured graphs

@@ -15,6 +15,8 @@ from lmq.sampling import Sampler, SamplerRow, SamplingParams, token_logprobs
 from lmq.scheduler import ScheduledBatch, Scheduler
 from lmq.sequence import Request, RequestOutput, Sequence
 from lmq.tokenizer import Detokenizer, Tokenizer
+from lora.adapter import LoRAAdapter
+from lora.manager import Adapter, AdapterManager
 
 log = logging.getLogger("lmq")
 
@@ -44,7 +46,10 @@ class LLMEngine:
         self.config = config.with_num_kv_blocks(num_blocks)
         self.runner.allocate_kv_cache(num_blocks)
         self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.adapters = None if config.lora is None else \
+            AdapterManager(config.lora, config.model, self.runner.load_lora_slot)
+        self._adapter_errors = 0
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.adapters)
         self.tokenizer = tokenizer
         self.detokenizer = Detokenizer(tokenizer)
         self.sampler = Sampler()
@@ -70,16 +75,19 @@ class LLMEngine:
 
     # -- requests ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    stream: bool = False) -> None:
-        """Queue a request. `stream=True` detokenizes every step (for streaming deltas)."""
+                    stream: bool = False, adapter: str | None = None) -> None:
+        """Queue a request, for the base model or the loaded adapter named `adapter`.
+        `stream=True` detokenizes every step (for streaming deltas)."""
         if request_id in self.requests:
             raise ValueError(f"request_id={request_id!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self.validate(ids, params)
-        req = Request(request_id, text, ids, params)
+        req = Request(request_id, text, ids, params, adapter=self._adapter(adapter))
         seq = self._new_seq(req, 0, list(ids))
         self.requests[request_id] = req
+        if req.adapter is not None:
+            self.adapters.retain(req.adapter)
         if stream:
             self.streaming.add(request_id)
         self.scheduler.add(seq)
@@ -104,6 +112,44 @@ class LLMEngine:
         if params.n > self.config.scheduler.max_num_seqs:
             raise ValueError(f"n={params.n} exceeds max_num_seqs={self.config.scheduler.max_num_seqs}")
 
+    # -- adapters ------------------------------------------------------------------------------
+    def _adapter(self, name: str | None) -> Adapter | None:
+        if name is None:
+            return None
+        if self.adapters is None:
+            raise ValueError(f"adapter={name!r} was requested but LoRA is not enabled for this engine")
+        try:
+            return self.adapters.get(name)
+        except KeyError as e:
+            raise ValueError(e.args[0]) from None
+
+    def _lora(self) -> AdapterManager:
+        if self.adapters is None:
+            raise ValueError("LoRA is not enabled for this engine: start it with adapters or enable_lora=True")
+        return self.adapters
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """Read, validate and register a peft adapter (AdapterError says what is wrong)."""
+        manager = self._lora()
+        if name in manager.registry:
+            raise ValueError(f"adapter name {name!r} is already loaded")
+        self.add_adapter(name, manager.read(path))
+
+    def add_adapter(self, name: str, weights: LoRAAdapter) -> None:
+        """Register an adapter already read (and validated) by `AdapterManager.read`."""
+        self._lora().add(name, weights)
+
+    def unload_adapter(self, name: str) -> None:
+        """New requests can no longer name it; requests already accepted finish first."""
+        manager = self._lora()
+        try:
+            manager.remove(name)
+        except KeyError as e:
+            raise ValueError(e.args[0]) from None
+
+    def adapter_names(self) -> list[str]:
+        return [] if self.adapters is None else list(self.adapters.registry)
+
     def _new_seq(self, req: Request, index: int, token_ids: list[int]) -> Sequence:
         gen = None
         if req.params.seed is not None:
@@ -123,8 +169,15 @@ class LLMEngine:
             if not seq.is_finished:
                 seq.finish("abort")
                 self.scheduler.remove(seq)
-        self.streaming.discard(request_id)
+        self._forget(req)
         return RequestOutput.from_request(req)
+
+    def _forget(self, req: Request) -> None:
+        """The request is over: drop it and release its adapter."""
+        self.requests.pop(req.request_id, None)
+        self.streaming.discard(req.request_id)
+        if req.adapter is not None:
+            self.adapters.release(req.adapter)
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
@@ -138,9 +191,12 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model, sample. Returns an output for every request that finished,
         and for every streaming request that changed."""
+        aborted = self._abort_broken_adapters()
         batch = self.scheduler.schedule()
         if batch.is_empty:
-            return []
+            if self.adapters is not None:  # waiting only for adapters being read from disk
+                self.adapters.wait_for_reads(timeout=0.05)
+            return aborted
         out = self.runner.execute(batch)
         self.scheduler.on_step_done(batch)
         touched: dict[str, Request] = {}
@@ -156,7 +212,15 @@ class LLMEngine:
                 self._append(seq, tok, lp)
                 seq.request.first_token_time = seq.request.first_token_time or now
                 touched[seq.request.request_id] = seq.request
-        return [out for req in touched.values() if (out := self._output(req)) is not None]
+        return aborted + [out for req in touched.values() if (out := self._output(req)) is not None]
+
+    def _abort_broken_adapters(self) -> list[RequestOutput]:
+        """Requests whose adapter could not be read back from disk end with finish_reason "abort"."""
+        if self.adapters is None or self.adapters.num_errors == self._adapter_errors:
+            return []
+        self._adapter_errors = self.adapters.num_errors
+        broken = [rid for rid, req in self.requests.items() if req.adapter is not None and req.adapter.error]
+        return [out for rid in broken if (out := self.abort(rid)) is not None]
 
     @staticmethod
     def _sampler_row(seq: Sequence) -> SamplerRow:
@@ -225,7 +289,6 @@ class LLMEngine:
 
     def _output(self, req: Request) -> RequestOutput | None:
         if req.is_finished:
-            self.requests.pop(req.request_id, None)
-            self.streaming.discard(req.request_id)
+            self._forget(req)
             return RequestOutput.from_request(req)
         return RequestOutput.from_request(req) if req.request_id in self.streaming else None

@@ -4,6 +4,9 @@
     llm = LLM()                                   # the built-in default model
     outs = llm.generate(["Hello"], SamplingParams(max_tokens=32))
     outs = llm.chat([{"role": "user", "content": "What is the capital of France?"}])
+
+    llm = LLM(adapters={"sql": "/ckpt/sql-lora", "chat": "/ckpt/chat-lora"})   # peft folders
+    outs = llm.generate(prompts, params, adapter=["sql", None, "chat"])      # per prompt; None = base
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from lmq.config import BACKENDS, CacheConfig, EngineConfig, SchedulerConfig
+from lmq.config import BACKENDS, CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig
 from lmq.engine import LLMEngine
 from lmq.models import model_config_from_hf
 from lmq.sampling import SamplingParams
@@ -44,7 +47,8 @@ def build_engine_config(model: str | None = None, *, backend: str = "auto", dtyp
                         gpu_memory_utilization: float = 0.9, kv_cache_gb: float = 2.0,
                         max_num_batched_tokens: int | None = None, max_num_seqs: int = 256,
                         max_model_len: int | None = None, enable_prefix_caching: bool = True,
-                        enable_cuda_graph: bool = True, seed: int = 0) -> EngineConfig:
+                        enable_cuda_graph: bool = True, seed: int = 0, enable_lora: bool = False,
+                        max_loras: int = 8, max_lora_rank: int = 64, max_cpu_loras: int | None = None) -> EngineConfig:
     """Options as the CLI and LLM take them -> a validated EngineConfig."""
     from transformers import AutoConfig, GenerationConfig
 
@@ -64,6 +68,8 @@ def build_engine_config(model: str | None = None, *, backend: str = "auto", dtyp
                           enable_prefix_caching=enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
                                   max_model_len=mcfg.max_model_len),
+        lora=LoRAConfig(max_loras=max_loras, max_lora_rank=max_lora_rank,
+                        max_cpu_loras=max_cpu_loras or max(max_loras, 32)) if enable_lora else None,
         backend=pick_backend(backend, device),
         device=device,
         enable_cuda_graph=enable_cuda_graph,
@@ -72,26 +78,44 @@ def build_engine_config(model: str | None = None, *, backend: str = "auto", dtyp
 
 
 class LLM:
-    def __init__(self, model: str | None = None, **options: object) -> None:
+    def __init__(self, model: str | None = None, adapters: dict[str, str] | None = None,
+                 **options: object) -> None:
+        """adapters: name -> peft LoRA folder, loaded at start (enables LoRA; so does
+        `enable_lora=True` for adapters loaded later with `load_adapter`)."""
+        if adapters:
+            options["enable_lora"] = True
         config = build_engine_config(model, **options)  # type: ignore[arg-type]
         torch.manual_seed(config.seed)
         self.tokenizer = Tokenizer(config.model.path)
         self.engine = LLMEngine(config, self.tokenizer)
         self._ids = itertools.count()
+        for name, path in (adapters or {}).items():
+            self.load_adapter(name, path)
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """Load a peft LoRA folder under `name`; requests may use it at once."""
+        self.engine.load_adapter(name, str(path))
+
+    def unload_adapter(self, name: str) -> None:
+        self.engine.unload_adapter(name)
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
-        """prompts: a string, a list of token ids, or a list of either. Outputs in input order."""
+                 use_tqdm: bool = False, adapter: str | None | Sequence[str | None] = None) -> list[RequestOutput]:
+        """prompts: a string, a list of token ids, or a list of either. adapter: one name for
+        every prompt, or one name (None = the base model) per prompt. Outputs in input order."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         prompts = list(prompts)  # type: ignore[arg-type]
         params_list = self._params_per_prompt(params, len(prompts))
+        adapters = [adapter] * len(prompts) if adapter is None or isinstance(adapter, str) else list(adapter)
+        if len(adapters) != len(prompts):
+            raise ValueError(f"got {len(adapters)} adapter names for {len(prompts)} prompts")
         ids = []
         try:
-            for p, sp in zip(prompts, params_list):
+            for p, sp, name in zip(prompts, params_list, adapters):
                 rid = f"gen-{next(self._ids)}"
-                self.engine.add_request(rid, p, sp)
+                self.engine.add_request(rid, p, sp, adapter=name)
                 ids.append(rid)
         except Exception:
             for rid in ids:
@@ -100,16 +124,17 @@ class LLM:
         return self._run(ids, use_tqdm)
 
     def chat(self, messages: list[Message] | list[list[Message]], params: SamplingParams | None = None,
-             use_tqdm: bool = False) -> list[RequestOutput]:
+             use_tqdm: bool = False, adapter: str | None | Sequence[str | None] = None) -> list[RequestOutput]:
         """One conversation or a list of them, through the model's chat template."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [self.tokenizer.apply_chat_template(c) for c in convs]  # type: ignore[arg-type]
-        return self.generate(prompts, params, use_tqdm)
+        return self.generate(prompts, params, use_tqdm, adapter)
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None,
+               adapter: str | None = None) -> Iterator[str]:
         """Yields text deltas of one request as they are produced (n = 1)."""
         rid = f"stream-{next(self._ids)}"
-        self.engine.add_request(rid, prompt, params or SamplingParams(), stream=True)
+        self.engine.add_request(rid, prompt, params or SamplingParams(), stream=True, adapter=adapter)
         sent = 0
         try:
             while True:

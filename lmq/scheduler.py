@@ -8,16 +8,24 @@ than the remaining budget is computed in chunks over several steps. When blocks 
 most recently started running sequence is preempted: its blocks are freed and it recomputes
 later (its full blocks may still be in the prefix cache by then). The victim is the sequence
 that joined the running list last (a forked sample joins when its request forks).
+
+Adapters: a waiting sequence is admitted only when its adapter holds or can take a device slot
+(`AdapterManager.can_activate`); if not, later sequences may go ahead of it. Running sequences
+pin their slots, so one step never uses more adapters than there are slots.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from lmq.block_manager import BlockManager
 from lmq.config import SchedulerConfig
 from lmq.sequence import Sequence, SequenceStatus
+
+if TYPE_CHECKING:
+    from lora.manager import AdapterManager
 
 
 @dataclass(frozen=True)
@@ -26,6 +34,7 @@ class ScheduledSeq:
     start: int  # first position computed this step (== num_computed_tokens when scheduled)
     num_new_tokens: int
     block_table: list[int]
+    lora_slot: int = -1  # the adapter's device slot; -1 = the base model
 
     @property
     def samples(self) -> bool:
@@ -37,6 +46,7 @@ class ScheduledSeq:
 class ScheduledBatch:
     seqs: list[ScheduledSeq]
     preempted: list[Sequence] = field(default_factory=list)
+    lora_rank: int = 0  # the largest adapter rank among the scheduled sequences; 0 = no adapter
 
     @property
     def num_tokens(self) -> int:
@@ -48,9 +58,11 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
+                 adapters: AdapterManager | None = None) -> None:
         self.config = config
         self.blocks = block_manager
+        self.adapters = adapters
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -64,9 +76,12 @@ class Scheduler:
         self.waiting.append(seq)
 
     def add_running(self, seq: Sequence) -> None:
-        """A forked sample: its blocks were shared by `BlockManager.fork`."""
+        """A forked sample: its blocks were shared by `BlockManager.fork`; its adapter's slot is
+        already pinned by the sample it forked from."""
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
+        if seq.adapter is not None:
+            self.adapters.activate(seq.seq_id, seq.adapter)
 
     def remove(self, seq: Sequence) -> None:
         """Take a finished or aborted sequence out and free its blocks."""
@@ -75,6 +90,8 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.free(seq.seq_id)
+        if self.adapters is not None:
+            self.adapters.deactivate(seq.seq_id)
 
     # -- scheduling ----------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
@@ -96,26 +113,31 @@ class Scheduler:
                 budget -= n
         if not preempted:
             budget = self._admit_waiting(scheduled, budget)
-        return ScheduledBatch(scheduled, preempted)
+        rank = max((s.seq.adapter.rank for s in scheduled if s.seq.adapter is not None), default=0)
+        return ScheduledBatch(scheduled, preempted, rank)
 
     def _admit_waiting(self, scheduled: list[ScheduledSeq], budget: int) -> int:
         # A request of n samples forks into n running sequences once its prompt is in: count
         # the forks still to come of running requests and of the one being admitted.
         pending = sum(s.params.n - 1 for s in self.running if s.request.needs_fork)
-        while self.waiting and budget > 0:
-            seq = self.waiting[0]
+        i = 0
+        while i < len(self.waiting) and budget > 0:
+            seq = self.waiting[i]
             width = seq.params.n if seq.request.needs_fork else 1
             if len(self.running) + pending + width > self.config.max_num_seqs:
                 break
-            pending += width - 1
+            if seq.adapter is not None and not self.adapters.can_activate(seq.adapter):
+                i += 1  # its adapter has no free slot or is still being read: others go first
+                continue
             cached: list[int] = []
             if seq.num_computed_tokens == 0 and seq.params.prompt_logprobs is None:
-                cached = self.blocks.find_cached_prefix(seq.token_ids)
+                cached = self.blocks.find_cached_prefix(seq.token_ids, seq.cache_key)
             num_cached = len(cached) * self.blocks.block_size
             n = min(seq.num_tokens - num_cached, budget)
             if not self.blocks.can_allocate(seq.seq_id, num_cached + n, cached):
                 break
-            self.waiting.popleft()
+            pending += width - 1
+            del self.waiting[i]
             self.blocks.record_prefix_lookup(seq.num_tokens, num_cached)
             self.blocks.allocate(seq.seq_id, num_cached + n, cached)
             seq.num_computed_tokens = num_cached
@@ -123,18 +145,22 @@ class Scheduler:
                 seq.num_cached_tokens = num_cached
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            scheduled.append(ScheduledSeq(seq, num_cached, n, list(self.blocks.block_table(seq.seq_id))))
+            slot = self.adapters.activate(seq.seq_id, seq.adapter) if seq.adapter is not None else -1
+            scheduled.append(ScheduledSeq(seq, num_cached, n, list(self.blocks.block_table(seq.seq_id)), slot))
             budget -= n
         return budget
 
     def _grant(self, seq: Sequence, n: int) -> ScheduledSeq:
         self.blocks.allocate(seq.seq_id, seq.num_computed_tokens + n)
-        return ScheduledSeq(seq, seq.num_computed_tokens, n, list(self.blocks.block_table(seq.seq_id)))
+        slot = self.adapters.pinned_slot(seq.seq_id) if self.adapters is not None else -1
+        return ScheduledSeq(seq, seq.num_computed_tokens, n, list(self.blocks.block_table(seq.seq_id)), slot)
 
     def _preempt(self, seq: Sequence) -> None:
         """Preemption by recompute: drop the KV, keep the tokens, go back to the waiting front."""
         self.running.remove(seq)
         self.blocks.free(seq.seq_id)
+        if self.adapters is not None:
+            self.adapters.deactivate(seq.seq_id)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
@@ -146,4 +172,4 @@ class Scheduler:
             seq = s.seq
             seq.num_computed_tokens = s.start + s.num_new_tokens
             if seq.seq_id in self.blocks.tables:
-                self.blocks.cache_full_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
+                self.blocks.cache_full_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens, seq.cache_key)

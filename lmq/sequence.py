@@ -5,10 +5,14 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from lmq.sampling import Logprob, SamplingParams
+
+if TYPE_CHECKING:
+    from lora.manager import Adapter
 
 
 class SequenceStatus(enum.Enum):
@@ -46,6 +50,15 @@ class Sequence:
     @property
     def params(self) -> SamplingParams:
         return self.request.params
+
+    @property
+    def adapter(self) -> Adapter | None:
+        return self.request.adapter
+
+    @property
+    def cache_key(self) -> int | None:
+        """Extra prefix-cache key: KV computed under one adapter is never reused by another."""
+        return None if self.request.adapter is None else self.request.adapter.uid
 
     @property
     def num_tokens(self) -> int:
@@ -87,6 +100,7 @@ class Request:
     prompt_logprobs: list[dict[int, Logprob] | None] = field(default_factory=list)
     first_token_time: float | None = None
     aborted: bool = False  # also before an n > 1 request has forked its samples
+    adapter: Adapter | None = None  # None: the base model
 
     @property
     def is_finished(self) -> bool:

@@ -4,7 +4,8 @@ A decode step of B sequences whose block tables span nb blocks is padded to a bu
 (B_pad, nb_pad) and replayed from a graph captured once per bucket. Inputs live in static
 buffers; padded rows write their K/V to the runner's scratch block and attend only to it.
 Graphs share one memory pool: only one replays at a time and its logits are consumed (sampled)
-before the next step.
+before the next step. A step with adapter tokens uses the graph of its (bucket, LoRA rank):
+each token's slot is a static input too, so any mix of adapters replays the same graph.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lmq.attention import AttentionMetadata
+from lora.ops import LoRAMetadata
 
 if TYPE_CHECKING:
     from torch_engine.model_runner import ModelInput, ModelRunner
@@ -41,7 +43,8 @@ class DecodeGraphs:
         self.slots = torch.zeros(mb, dtype=torch.int64, device=dev)
         self.context_lens = torch.ones(mb, dtype=torch.int64, device=dev)
         self.block_tables = torch.zeros(mb, mbl, dtype=torch.int64, device=dev)
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.lora_slots = torch.full((mb,), -1, dtype=torch.int64, device=dev)
+        self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
 
     def run(self, inp: ModelInput) -> torch.Tensor:
@@ -63,14 +66,19 @@ class DecodeGraphs:
         self.slots[b:bp].fill_(scratch * self.runner.block_size)
         self.context_lens[b:bp].fill_(1)
         self.block_tables[b:bp, :nbp].fill_(scratch)
-        key = (bp, nbp)
+        rank = 0
+        if inp.lora is not None:
+            rank = inp.lora.rank
+            self.lora_slots[:b].copy_(inp.lora_slots)
+            self.lora_slots[b:bp].fill_(-1)
+        key = (bp, nbp, rank)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(bp, nbp)
+            self.graphs[key] = self._capture(bp, nbp, rank)
         graph, logits = self.graphs[key]
         graph.replay()
         return logits[:b]
 
-    def _forward(self, bp: int, nbp: int) -> torch.Tensor:
+    def _forward(self, bp: int, nbp: int, rank: int) -> torch.Tensor:
         empty = self.token_ids.new_zeros(0)
         meta = AttentionMetadata(
             slot_mapping=self.slots[:bp],
@@ -82,18 +90,19 @@ class DecodeGraphs:
             prefill_query_pos=empty.view(0, 0),
             prefill_unpad_index=empty,
         )
+        lora = LoRAMetadata(rank, self.runner.lora_onehot(self.lora_slots[:bp])) if rank else None
         model = self.runner.model
-        hidden = model(self.token_ids[:bp], self.positions[:bp], self.runner.kv_caches, meta)
+        hidden = model(self.token_ids[:bp], self.positions[:bp], self.runner.kv_caches, meta, lora)
         return model.compute_logits(hidden)
 
-    def _capture(self, bp: int, nbp: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, bp: int, nbp: int, rank: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         stream = torch.cuda.Stream(self.runner.device)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self._forward(bp, nbp)  # warm-up: kernels chosen, workspaces allocated outside capture
+            self._forward(bp, nbp, rank)  # warm-up: kernels chosen, workspaces allocated outside capture
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._forward(bp, nbp)
+            logits = self._forward(bp, nbp, rank)
         self.pool = graph.pool()
         return graph, logits

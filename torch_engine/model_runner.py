@@ -18,6 +18,8 @@ from lmq.sampling import SamplingParams
 from lmq.scheduler import ScheduledBatch, ScheduledSeq
 from lmq.sequence import Request, Sequence
 from lmq.weights import iterate_weights
+from lora.adapter import LoRAAdapter
+from lora.ops import LoRAMetadata
 from torch_engine.cuda_graph import DecodeGraphs
 
 log = logging.getLogger("lmq")
@@ -36,6 +38,8 @@ class ModelInput:
     meta: AttentionMetadata
     order: list[ScheduledSeq]  # decodes first, then prefills: the flat layout
     offsets: list[int]  # start of each entry of `order` in the flat layout
+    lora: LoRAMetadata | None = None  # None: no adapter token in the step
+    lora_slots: torch.Tensor | None = None  # [T] int64 slot of each token, -1 = base model
 
 
 @contextlib.contextmanager
@@ -69,9 +73,26 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.block_size = config.cache.block_size
         self.model = load_model(config.model, ops, config.device)
+        if config.lora is not None:  # before profiling: the stacks' memory is not KV cache
+            self.model.enable_lora(config.lora)
+            self.slot_ids = torch.arange(config.lora.max_loras, device=self.device)  # [S]
         self.kv_caches: torch.Tensor | None = None
         self.scratch_block = 0  # the cache's last block, set with the cache
         self.graphs: DecodeGraphs | None = None
+
+    def load_lora_slot(self, slot: int, adapter: LoRAAdapter | None) -> None:
+        self.model.load_lora_slot(slot, adapter)
+
+    def lora_rank_bucket(self, rank: int) -> int:
+        """Ranks computed for a step: a power of two >= the step's largest rank, at most the
+        configured maximum (fewer distinct shapes, so fewer CUDA graphs). Zero columns add 0."""
+        if rank == 0:
+            return 0
+        return min(1 << (rank - 1).bit_length(), self.config.lora.max_lora_rank)
+
+    def lora_onehot(self, slots: torch.Tensor) -> torch.Tensor:
+        """slots: [T] int64 (-1 = base) -> [T, S] in the model dtype; a base row is all zero."""
+        return (slots[:, None] == self.slot_ids[None, :]).to(self.config.model.dtype)
 
     # -- KV cache ------------------------------------------------------------------------------
     def block_bytes(self) -> int:
@@ -128,7 +149,7 @@ class ModelRunner:
         if self.graphs is not None and decode_only and not wants_prompt:
             logits = self.graphs.run(inp)  # [Bd, V]; all decodes, so `order` is the batch order
             return ModelOutput(logits[[i for i, s in enumerate(inp.order) if s.samples]], {})
-        hidden = self.model(inp.token_ids, inp.positions, self.kv_caches, inp.meta)  # [T, hidden]
+        hidden = self.model(inp.token_ids, inp.positions, self.kv_caches, inp.meta, inp.lora)  # [T, hidden]
         return self._logits(batch, inp, hidden)
 
     def _logits(self, batch: ScheduledBatch, inp: ModelInput, hidden: torch.Tensor) -> ModelOutput:
@@ -171,12 +192,13 @@ class ModelRunner:
             unpad.extend(i * max_q + j for j in range(s.num_new_tokens))
 
         dt, pt = self._block_tables(decodes), self._block_tables(prefills)
+        tok_slots, lora_rows = self._lora_rows(order, batch.lora_rank)
         # One host-to-device copy for all of the step's index arrays (each copy has a fixed cost).
-        slots_t, dctx, pad_t, qpos, unpad_t, dt_t, pt_t, ids_t, pos_t = self._to_device([
+        slots_t, dctx, pad_t, qpos, unpad_t, dt_t, pt_t, ids_t, pos_t, tok_slots_t, rows_t = self._to_device([
             (slots, (-1,)), ([s.start + 1 for s in decodes], (-1,)),
             ([x for row in pad_index for x in row], (len(prefills), max_q)),
             ([x for row in query_pos for x in row], (len(prefills), max_q)), (unpad, (-1,)),
-            dt, pt, (ids, (-1,)), (pos, (-1,))])
+            dt, pt, (ids, (-1,)), (pos, (-1,)), (tok_slots, (-1,)), (lora_rows, (-1,))])
         meta = AttentionMetadata(
             slot_mapping=slots_t,
             num_decode_tokens=len(decodes),
@@ -187,7 +209,23 @@ class ModelRunner:
             prefill_query_pos=qpos,
             prefill_unpad_index=unpad_t,
         )
-        return ModelInput(ids_t, pos_t, meta, order, offsets)
+        if not tok_slots:
+            return ModelInput(ids_t, pos_t, meta, order, offsets)
+        # Eager steps compute only the adapter tokens' rows (all of them: no index needed).
+        every = len(lora_rows) == len(tok_slots)
+        lora = LoRAMetadata(self.lora_rank_bucket(batch.lora_rank),
+                            self.lora_onehot(tok_slots_t if every else tok_slots_t[rows_t]),
+                            None if every else rows_t)
+        return ModelInput(ids_t, pos_t, meta, order, offsets, lora, tok_slots_t)
+
+    @staticmethod
+    def _lora_rows(order: list[ScheduledSeq], rank: int) -> tuple[list[int], list[int]]:
+        """Each token's slot in the flat layout and the rows of adapter tokens ([], [] when the
+        step has none)."""
+        if not rank:
+            return [], []
+        tok_slots = [s.lora_slot for s in order for _ in range(s.num_new_tokens)]
+        return tok_slots, [i for i, slot in enumerate(tok_slots) if slot >= 0]
 
     def _to_device(self, arrays: list[tuple[list[int], tuple[int, ...]]]) -> list[torch.Tensor]:
         """Flat int lists with their shapes -> int64 tensors on the device, in one copy."""

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lmq.attention import AttentionMetadata
+from lora.ops import LoRAMetadata, LoRAStack, add_lora
 
 
 def embedding(token_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -16,9 +17,14 @@ def embedding(token_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.embedding(token_ids, weight)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x: [T, in], weight: [out, in] -> [T, out]"""
-    return F.linear(x, weight, bias)
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           lora: LoRAStack | None = None, lora_meta: LoRAMetadata | None = None) -> torch.Tensor:
+    """x: [T, in], weight: [out, in] -> [T, out], plus each token's adapter delta when the step
+    has adapter tokens (`lora_meta.rank > 0`)."""
+    y = F.linear(x, weight, bias)
+    if lora is not None and lora_meta is not None and lora_meta.rank:
+        y = add_lora(y, x, lora, lora_meta)
+    return y
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,

@@ -3,7 +3,8 @@ window), Qwen2 (qkv bias), Qwen3 (per-head q/k RMSNorm). Written against the ops
 `ops` is torch_engine.ops or turbomind.ops, and this file never knows which.
 
 Projections are fused: q|k|v in one matrix, gate|up in another (HF checkpoints are split;
-`load_weights` copies each part into its slice).
+`load_weights` copies each part into its slice). With LoRA enabled, each projection also holds
+a `LoRAStack` of every slot's adapter weights, laid out by the same parts.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import torch
 from torch import nn
 
 from lmq.attention import AttentionMetadata
-from lmq.config import ModelConfig
+from lmq.config import LoRAConfig, ModelConfig
+from lora.adapter import PROJECTIONS, LoRAAdapter
+from lora.ops import LoRAMetadata, LoRAStack
 
 
 def _param(*shape: int) -> nn.Parameter:
@@ -23,10 +26,16 @@ def _param(*shape: int) -> nn.Parameter:
 
 
 class Linear(nn.Module):
-    def __init__(self, out_features: int, in_features: int, bias: bool = False) -> None:
+    def __init__(self, parts: list[int], in_features: int, bias: bool = False) -> None:
+        """parts: output rows of each fused part (one entry for an unfused projection)."""
         super().__init__()
-        self.weight = _param(out_features, in_features)
-        self.bias = _param(out_features) if bias else None
+        self.parts = parts
+        self.weight = _param(sum(parts), in_features)
+        self.bias = _param(sum(parts)) if bias else None
+        self.lora: LoRAStack | None = None
+
+    def forward(self, ops: ModuleType, x: torch.Tensor, lora: LoRAMetadata | None) -> torch.Tensor:
+        return ops.linear(x, self.weight, self.bias, self.lora, lora)
 
 
 class DecoderLayer(nn.Module):
@@ -35,23 +44,23 @@ class DecoderLayer(nn.Module):
         h, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.cfg = cfg
         self.window = cfg.sliding_windows[layer_idx]
-        self.qkv_proj = Linear((h + 2 * hkv) * d, cfg.hidden_size, bias=cfg.attention_bias)
-        self.o_proj = Linear(cfg.hidden_size, h * d)
+        self.qkv_proj = Linear([h * d, hkv * d, hkv * d], cfg.hidden_size, bias=cfg.attention_bias)
+        self.o_proj = Linear([cfg.hidden_size], h * d)
         self.q_norm = _param(d) if cfg.qk_norm else None
         self.k_norm = _param(d) if cfg.qk_norm else None
-        self.gate_up_proj = Linear(2 * cfg.intermediate_size, cfg.hidden_size)
-        self.down_proj = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.gate_up_proj = Linear([cfg.intermediate_size] * 2, cfg.hidden_size)
+        self.down_proj = Linear([cfg.hidden_size], cfg.intermediate_size)
         self.input_layernorm = _param(cfg.hidden_size)
         self.post_attention_layernorm = _param(cfg.hidden_size)
 
     def forward(self, ops: ModuleType, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
-                kv_cache: torch.Tensor, cos_sin: torch.Tensor,
-                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+                kv_cache: torch.Tensor, cos_sin: torch.Tensor, meta: AttentionMetadata,
+                lora: LoRAMetadata | None) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [T, hidden]; kv_cache: [2, num_blocks, block_size, Hkv, D]"""
         cfg = self.cfg
         h, hkv, d, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
         x, residual = ops.rms_norm(x, self.input_layernorm, eps, residual)
-        qkv = ops.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)  # [T, (H + 2 Hkv) D]
+        qkv = self.qkv_proj(ops, x, lora)  # [T, (H + 2 Hkv) D]
         q, k, v = qkv.split([h * d, hkv * d, hkv * d], dim=-1)
         q, k, v = q.view(-1, h, d), k.view(-1, hkv, d), v.view(-1, hkv, d)
         if self.q_norm is not None:
@@ -59,10 +68,14 @@ class DecoderLayer(nn.Module):
             k, _ = ops.rms_norm(k, self.k_norm, eps)
         q, k = ops.rotary(positions, q, k, cos_sin)
         o = ops.attention(q, k, v, kv_cache[0], kv_cache[1], meta, d ** -0.5, self.window)  # [T, H, D]
-        x = ops.linear(o.reshape(-1, h * d), self.o_proj.weight)
+        x = self.o_proj(ops, o.reshape(-1, h * d), lora)
         x, residual = ops.rms_norm(x, self.post_attention_layernorm, eps, residual)
-        x = ops.silu_and_mul(ops.linear(x, self.gate_up_proj.weight))
-        return ops.linear(x, self.down_proj.weight), residual
+        x = ops.silu_and_mul(self.gate_up_proj(ops, x, lora))
+        return self.down_proj(ops, x, lora), residual
+
+    def projections(self) -> dict[str, Linear]:
+        return {"qkv_proj": self.qkv_proj, "o_proj": self.o_proj, "gate_up_proj": self.gate_up_proj,
+                "down_proj": self.down_proj}
 
 
 class LlamaForCausalLM(nn.Module):
@@ -78,12 +91,12 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("cos_sin", _rope_cache(cfg), persistent=False)
 
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, kv_caches: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+                meta: AttentionMetadata, lora: LoRAMetadata | None = None) -> torch.Tensor:
         """token_ids, positions: [T]; kv_caches: [L, 2, num_blocks, block_size, Hkv, D] -> [T, hidden]"""
         ops = self.ops
         x, residual = ops.embedding(token_ids, self.embed_tokens), None
         for i, layer in enumerate(self.layers):
-            x, residual = layer(ops, positions, x, residual, kv_caches[i], self.cos_sin, meta)
+            x, residual = layer(ops, positions, x, residual, kv_caches[i], self.cos_sin, meta, lora)
         x, _ = ops.rms_norm(x, self.norm, self.cfg.rms_norm_eps, residual)
         return x
 
@@ -91,6 +104,28 @@ class LlamaForCausalLM(nn.Module):
         """hidden: [N, hidden] -> [N, vocab] float32"""
         w = self.embed_tokens if self.lm_head is None else self.lm_head
         return self.ops.linear(hidden, w).float()
+
+    # -- LoRA ----------------------------------------------------------------------------------
+    def enable_lora(self, config: LoRAConfig) -> None:
+        """Allocate every projection's slot stacks (zeros: an empty slot adds nothing)."""
+        w = self.embed_tokens
+        for layer in self.layers:
+            for lin in layer.projections().values():
+                lin.lora = LoRAStack(lin.parts, lin.weight.shape[1], config.max_lora_rank, config.max_loras,
+                                     w.dtype, w.device)
+
+    def load_lora_slot(self, slot: int, adapter: LoRAAdapter | None) -> None:
+        """Write an adapter's weights into `slot` of every stack (None: empty the slot)."""
+        for layer in self.layers:
+            for lin in layer.projections().values():
+                lin.lora.clear(slot)
+        if adapter is None:
+            return
+        dtype = self.embed_tokens.dtype
+        for (i, name), m in adapter.modules.items():
+            fused, part = PROJECTIONS[name]
+            stack = self.layers[i].projections()[fused].lora
+            stack.set(slot, part, m.a.to(dtype), m.b.to(dtype))
 
     # -- weights -------------------------------------------------------------------------------
     def _targets(self, name: str) -> tuple[torch.Tensor, slice | None] | None:
