@@ -48,6 +48,18 @@ class _Add:
     prompt_ids: list[int]  # tokenized on the caller's thread
     params: SamplingParams
     stream: bool  # outputs after every step, or only the finished one
+    adapter: str | None = None
+
+
+@dataclass(frozen=True)
+class _Call:
+    """Run `LLMEngine.<method>(*args)` on the engine thread between steps; the result (or the
+    exception) resolves `future` on its event loop."""
+
+    method: str
+    args: tuple
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
 
 
 class RequestStream:
@@ -82,7 +94,7 @@ class AsyncEngine:
         self.engine = engine
         self.max_queue_len = max_queue_len
         self._lock = threading.Lock()  # guards _ops and _streams, never held during a step
-        self._ops: list[_Add | str] = []  # queued adds, and request ids to abort
+        self._ops: list[_Add | _Call | str] = []  # queued adds and calls, and request ids to abort
         self._streams: dict[str, _Stream] = {}
         self._wake = threading.Event()
         self._stopping = False
@@ -91,10 +103,10 @@ class AsyncEngine:
 
     # -- client side (event loop) --------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    stream: bool = True) -> RequestStream:
+                    stream: bool = True, adapter: str | None = None) -> RequestStream:
         """Validate and queue a request now (ValueError, QueueFullError and EngineDeadError are
         raised here); iterate the returned stream for its outputs: one per step that changed it
-        with `stream`, else only the finished one."""
+        with `stream`, else only the finished one. `adapter`: a loaded adapter's name."""
         ids = self.engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self.engine.validate(ids, params)
         channel = _Stream(asyncio.get_running_loop(), asyncio.Queue())
@@ -107,16 +119,32 @@ class AsyncEngine:
             if self.max_queue_len is not None and queued >= self.max_queue_len:
                 raise QueueFullError(f"the waiting queue is full ({queued} requests, max_queue_len="
                                      f"{self.max_queue_len}); retry later")
-            self._ops.append(_Add(request_id, ids, params, stream))
+            self._ops.append(_Add(request_id, ids, params, stream, adapter))
             self._streams[request_id] = channel
         self._wake.set()
         return RequestStream(self, request_id, channel)
+
+    async def call(self, method: str, *args: object) -> object:
+        """`LLMEngine.<method>(*args)` on the engine thread, between steps (adapter loading and
+        unloading); its exception is raised here."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._lock:
+            if not self.alive:
+                raise EngineDeadError("the engine is shutting down")
+            self._ops.append(_Call(method, args, loop, future))
+        self._wake.set()
+        return await future
 
     def abort(self, request_id: str) -> None:
         """Stop a request; its stream gets a last output with finish_reason "abort"."""
         with self._lock:
             self._ops.append(request_id)
         self._wake.set()
+
+    @property
+    def config(self):  # -> EngineConfig: fixed after start-up, so any thread may read it
+        return self.engine.config
 
     @property
     def alive(self) -> bool:
@@ -142,8 +170,11 @@ class AsyncEngine:
             with self._lock:
                 self._stopping = True
                 streams, self._streams = list(self._streams.values()), {}
+                calls, self._ops = [op for op in self._ops if isinstance(op, _Call)], []
             dead = EngineDeadError(f"the engine thread stopped: {type(e).__name__}: {e}")
             self._post(_group((st, dead) for st in streams))
+            for call in calls:
+                _resolve(call, None, dead)
 
     def _loop(self) -> None:
         while True:
@@ -165,14 +196,21 @@ class AsyncEngine:
                     if not self._ops:
                         return
 
-    def _apply(self, ops: list[_Add | str]) -> list[RequestOutput]:
+    def _apply(self, ops: list[_Add | _Call | str]) -> list[RequestOutput]:
         outputs = []
         for op in ops:
             if isinstance(op, _Add):
                 try:
-                    self.engine.add_request(op.request_id, op.prompt_ids, op.params, stream=op.stream)
-                except Exception as e:  # validated before: a race on the request id, or a bug
+                    self.engine.add_request(op.request_id, op.prompt_ids, op.params, stream=op.stream,
+                                            adapter=op.adapter)
+                except Exception as e:  # validated before: a race on the request id or an unload, or a bug
                     self._send(op.request_id, e)
+            elif isinstance(op, _Call):
+                try:
+                    result, error = getattr(self.engine, op.method)(*op.args), None
+                except Exception as e:
+                    result, error = None, e
+                _resolve(op, result, error)
             elif (out := self.engine.abort(op)) is not None:
                 outputs.append(out)
         return outputs
@@ -205,6 +243,21 @@ class AsyncEngine:
         for rid in list(self.engine.requests):
             self.engine.abort(rid)
             self._send(rid, error)
+
+
+def _resolve(call: _Call, result: object, error: BaseException | None) -> None:
+    def settle() -> None:
+        if call.future.done():  # the caller was cancelled
+            return
+        if error is None:
+            call.future.set_result(result)
+        else:
+            call.future.set_exception(error)
+
+    try:
+        call.loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # that event loop is closed
+        pass
 
 
 def _group(pairs: Iterable[tuple[_Stream, object]]) -> Deliveries:

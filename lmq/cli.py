@@ -30,6 +30,24 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", action="store_true", help="disable automatic prefix caching")
 
 
+def _adapter_pair(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, path
+
+
+def _lora_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("multi-LoRA")
+    g.add_argument("--adapters", nargs="+", type=_adapter_pair, default=[], metavar="NAME=PATH",
+                   help="peft LoRA folders to serve, each under its NAME (enables LoRA)")
+    g.add_argument("--enable-lora", action="store_true", help="allow adapters loaded at run time")
+    g.add_argument("--max-loras", type=int, default=8, help="adapters one step may mix: device slots (default: 8)")
+    g.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank accepted (default: 64)")
+    g.add_argument("--max-cpu-loras", type=int, default=None,
+                   help="adapters kept in host memory, LRU (default: max(max-loras, 32))")
+
+
 def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens to generate (default: {max_tokens})")
@@ -43,17 +61,22 @@ def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
 
 
 def _engine_options(args: argparse.Namespace) -> dict:
-    return dict(backend=args.backend, dtype=args.dtype, device=args.device, block_size=args.block_size,
+    opts = dict(backend=args.backend, dtype=args.dtype, device=args.device, block_size=args.block_size,
                 num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
                 kv_cache_gb=args.kv_cache_gb, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                 enable_prefix_caching=not args.no_prefix_caching)
+    if hasattr(args, "adapters"):
+        lora_dir = getattr(args, "lora_dir", None)
+        opts.update(enable_lora=bool(args.enable_lora or args.adapters or lora_dir), max_loras=args.max_loras,
+                    max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras)
+    return opts
 
 
 def _llm(args: argparse.Namespace):
     from lmq.llm import LLM
 
-    return LLM(args.model, **_engine_options(args))
+    return LLM(args.model, **_engine_options(args), adapters=dict(getattr(args, "adapters", [])))
 
 
 def _params(args: argparse.Namespace) -> SamplingParams:
@@ -68,7 +91,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for prompt in args.prompt:
         ids = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if args.chat_template \
             else prompt
-        for delta in llm.stream(ids, params):
+        for delta in llm.stream(ids, params, adapter=args.adapter):
             print(delta, end="", flush=True)
         print()
     return 0
@@ -112,7 +135,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError("give the model once: as MODEL or as --model")
     config = build_engine_config(args.model_pos or args.model, **_engine_options(args))
     keys = tuple(k for k in (args.api_keys or "").split(",") if k)
-    run(make_app(config, args.served_model_name, keys, args.max_queue_len), args.host, args.port)
+    app = make_app(config, args.served_model_name, keys, args.max_queue_len, dict(args.adapters), args.lora_dir)
+    run(app, args.host, args.port)
     return 0
 
 
@@ -124,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Complete prompts with the model, streaming the text.")
     gen.add_argument("prompt", nargs="+", help="prompt text (several prompts run one after another)")
     gen.add_argument("--chat-template", action="store_true", help="wrap each prompt as a user chat message")
+    gen.add_argument("--adapter", default=None, help="generate with this adapter (one of --adapters)")
     _engine_args(gen)
+    _lora_args(gen)
     _sampling_args(gen, max_tokens=128)
     gen.set_defaults(func=cmd_generate)
     chat = sub.add_parser("chat", help="interactive chat in the terminal, streaming the answers",
@@ -142,7 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--api-keys", default=None, help="comma-separated keys; /v1/* then needs 'Bearer <key>'")
     srv.add_argument("--max-queue-len", type=int, default=None,
                      help="waiting requests before new ones get 429 (default: unbounded)")
+    srv.add_argument("--lora-dir", default=None,
+                     help="allow POST /v1/load_lora_adapter for folders inside this directory (enables LoRA)")
     _engine_args(srv)
+    _lora_args(srv)
     srv.set_defaults(func=cmd_serve)
     return parser
 

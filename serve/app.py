@@ -7,13 +7,14 @@ from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 import lmq
+from serve.adapters_api import AdapterAdmin
 from serve.errors import APIError, error_body, install_error_handlers
 from serve.metrics import Metrics
 from serve.openai_api import chat_job, completion_job, respond
-from serve.protocol import ChatCompletionRequest, CompletionRequest
+from serve.protocol import ChatCompletionRequest, CompletionRequest, LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 from serve.router import Router
 
 ASGIApp = Callable[[dict, Callable, Callable], Awaitable[None]]
@@ -49,7 +50,7 @@ class _Gate:
         return any(hmac.compare_digest(token, k) for k in self.api_keys)
 
 
-def build_app(router: Router, api_keys: tuple[str, ...] = ()) -> FastAPI:
+def build_app(router: Router, api_keys: tuple[str, ...] = (), lora_dir: str | None = None) -> FastAPI:
     engine = router.base.engine
     metrics = Metrics(engine.stats)
 
@@ -89,6 +90,16 @@ def build_app(router: Router, api_keys: tuple[str, ...] = ()) -> FastAPI:
     async def completions(req: CompletionRequest, request: Request) -> Response:
         route = router.resolve(req.model)
         return await respond(completion_job(req, route), route, request, metrics, req.stream)
+
+    admin = AdapterAdmin(router, lora_dir)
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(req: LoadLoRAAdapterRequest) -> Response:
+        return PlainTextResponse(await admin.load(req))
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(req: UnloadLoRAAdapterRequest) -> Response:
+        return PlainTextResponse(await admin.unload(req))
 
     app.add_middleware(_Gate, api_keys=api_keys, metrics=metrics)
     return app

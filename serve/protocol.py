@@ -65,3 +65,12 @@ class CompletionRequest(_SamplingFields):
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
+
+
+class LoadLoRAAdapterRequest(_Lenient):
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRAAdapterRequest(_Lenient):
+    lora_name: str

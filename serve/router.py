@@ -1,8 +1,10 @@
-"""Maps a request's `model` to the engine serving it. One base model per server for now; the
-multi-LoRA work adds adapters as further names routed to the same engine."""
+"""Maps a request's `model` to the engine serving it and the adapter to apply: the base model's
+served name routes to the base model, each loaded adapter's name to that adapter on the same
+engine."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -18,6 +20,8 @@ class Route:
     tokenizer: Tokenizer
     max_model_len: int
     accepts_images: bool = False
+    adapter: str | None = None  # None: the base model
+    root: str | None = None  # where the weights came from
 
 
 class Router:
@@ -33,6 +37,21 @@ class Router:
                            param="model", code="model_not_found")
         return route
 
+    def add_adapter(self, name: str, path: str) -> Route:
+        if name in self._routes:
+            raise APIError(400, f"lora_name={name!r} is already in use by a served model", param="lora_name")
+        route = dataclasses.replace(self.base, name=name, adapter=name, root=path)
+        self._routes[name] = route
+        return route
+
+    def remove_adapter(self, name: str) -> Route:
+        route = self.resolve(name)
+        if route.adapter is None:
+            raise APIError(400, f"lora_name={name!r} is the base model, not an adapter", param="lora_name")
+        del self._routes[name]
+        return route
+
     def models(self) -> list[dict]:
-        return [{"id": r.name, "object": "model", "created": self.created, "owned_by": "lmq", "root": r.name,
-                 "parent": None, "max_model_len": r.max_model_len} for r in self._routes.values()]
+        return [{"id": r.name, "object": "model", "created": self.created, "owned_by": "lmq",
+                 "root": r.root or r.name, "parent": None if r.adapter is None else self.base.name,
+                 "max_model_len": r.max_model_len} for r in self._routes.values()]

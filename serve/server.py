@@ -17,11 +17,19 @@ from serve.router import Route, Router
 
 
 def make_app(config: EngineConfig, served_model_name: str | None = None, api_keys: tuple[str, ...] = (),
-             max_queue_len: int | None = None) -> FastAPI:
+             max_queue_len: int | None = None, adapters: dict[str, str] | None = None,
+             lora_dir: str | None = None) -> FastAPI:
+    """adapters: name -> peft folder, served as models of their own (`model: name`)."""
     tokenizer = Tokenizer(config.model.path)
-    engine = AsyncEngine(LLMEngine(config, tokenizer), max_queue_len=max_queue_len)
+    llm_engine = LLMEngine(config, tokenizer)
+    for adapter, path in (adapters or {}).items():
+        llm_engine.load_adapter(adapter, path)
+    engine = AsyncEngine(llm_engine, max_queue_len=max_queue_len)
     name = served_model_name or Path(config.model.path).name
-    return build_app(Router(Route(name, engine, tokenizer, config.scheduler.max_model_len)), api_keys)
+    router = Router(Route(name, engine, tokenizer, config.scheduler.max_model_len))
+    for adapter, path in (adapters or {}).items():
+        router.add_adapter(adapter, path)
+    return build_app(router, api_keys, lora_dir)
 
 
 class _Server(uvicorn.Server):

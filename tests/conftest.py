@@ -78,6 +78,16 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {a: make_model(root / a, a, seed=i) for i, a in enumerate(ARCHS)}
 
 
+@pytest.fixture(scope="session")
+def lora_adapters(tiny_models, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Four peft adapters for the tiny llama (see lora_fixtures.SPECS), in one folder."""
+    from lora_fixtures import SPECS, make_adapter
+
+    root = tmp_path_factory.mktemp("adapters")
+    return {name: str(make_adapter(tiny_models["llama"], root / name, spec, i))
+            for i, (name, spec) in enumerate(SPECS.items())}
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _lmq_home(tmp_path_factory: pytest.TempPathFactory) -> None:
     # Keep the converted default model where later test runs find it, but never in the repo.

@@ -20,10 +20,8 @@ LENGTHS = [3, 17, 40, 70]
 
 
 @pytest.fixture(scope="module")
-def adapters(tiny_models, tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("adapters")
-    return {name: str(make_adapter(tiny_models["llama"], root / name, spec, i))
-            for i, (name, spec) in enumerate(SPECS.items())}
+def adapters(lora_adapters) -> dict[str, str]:
+    return lora_adapters
 
 
 @pytest.fixture(scope="module")
