@@ -40,8 +40,8 @@ class AdapterError(ValueError):
 
 @dataclass(frozen=True)
 class LoRAModule:
-    a: torch.Tensor  # [r, in] float32
-    b: torch.Tensor  # [out, r] float32, scale folded in
+    a: torch.Tensor  # [r, in], in the file's dtype
+    b: torch.Tensor  # [out, r], scale folded in
 
     @property
     def rank(self) -> int:
@@ -142,7 +142,7 @@ def _module(acfg: dict, layer: int, name: str, ab: dict[str, torch.Tensor], cfg:
     where = f"layers.{layer}.{name}"
     if set(ab) != {"A", "B"}:
         raise AdapterError(f"{where}: lora_{'A' if 'A' not in ab else 'B'} is missing")
-    a, b = ab["A"].float(), ab["B"].float()
+    a, b = ab["A"], ab["B"]
     r = a.shape[0]
     out, inp = module_shape(cfg, name)
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != inp or b.shape != (out, r):
@@ -153,4 +153,7 @@ def _module(acfg: dict, layer: int, name: str, ab: dict[str, torch.Tensor], cfg:
     full = f"model.layers.{layer}.{'self_attn' if name in ('q_proj', 'k_proj', 'v_proj', 'o_proj') else 'mlp'}.{name}"
     alpha = _pattern_value(acfg.get("alpha_pattern"), full, acfg.get("lora_alpha", 8))
     scale = alpha / math.sqrt(r) if acfg.get("use_rslora") else alpha / r
-    return LoRAModule(a.contiguous(), (b * scale).contiguous())
+    if not (a.is_floating_point() and b.is_floating_point()):
+        raise AdapterError(f"{where}: weights must be floating point, got {a.dtype} and {b.dtype}")
+    # Kept in the file's dtype (host memory); the scale is applied in float32 before rounding back.
+    return LoRAModule(a.contiguous(), (b.float() * scale).to(b.dtype).contiguous())
