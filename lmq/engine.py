@@ -47,7 +47,7 @@ class LLMEngine:
         self.runner.allocate_kv_cache(num_blocks)
         self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.adapters = None if config.lora is None else \
-            AdapterManager(config.lora, config.model, self.runner.load_lora_slot)
+            AdapterManager(config.lora, config.model, self.runner.load_lora_slot, config.device.startswith("cuda"))
         self._adapter_errors = 0
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.adapters)
         self.tokenizer = tokenizer

@@ -3,7 +3,8 @@
 A folder holds `adapter_config.json` and `adapter_model.safetensors` (or `.bin`). Each LoRA
 module `m` of layer `i` has A: [r, in] and B: [out, r], and adds `scale * B @ A @ x` to the
 projection's output, with scale = lora_alpha / r (rsLoRA: lora_alpha / sqrt(r)). The scale is
-folded into B here, so the engine computes `B' @ (A @ x)`.
+folded into B here (kept transposed, as the slot stacks hold it), so the engine computes
+`B' @ (A @ x)`.
 
 Refused, with the reason: DoRA, trained biases, `modules_to_save`, targets other than the seven
 attention/MLP projections (embeddings, lm_head), ranks above `max_lora_rank`, shapes that do not
@@ -41,7 +42,7 @@ class AdapterError(ValueError):
 @dataclass(frozen=True)
 class LoRAModule:
     a: torch.Tensor  # [r, in], in the file's dtype
-    b: torch.Tensor  # [out, r], scale folded in
+    bt: torch.Tensor  # [r, out]: B transposed (the slot stacks' layout), scale folded in
 
     @property
     def rank(self) -> int:
@@ -61,7 +62,16 @@ class LoRAAdapter:
 
     @property
     def nbytes(self) -> int:
-        return sum(m.a.nbytes + m.b.nbytes for m in self.modules.values())
+        return sum(m.a.nbytes + m.bt.nbytes for m in self.modules.values())
+
+    @property
+    def is_pinned(self) -> bool:
+        return all(m.a.is_pinned() and m.bt.is_pinned() for m in self.modules.values())
+
+    def pinned(self) -> LoRAAdapter:
+        """A copy in page-locked memory: copies into a GPU slot then run asynchronously."""
+        return LoRAAdapter(self.path, {k: LoRAModule(m.a.pin_memory(), m.bt.pin_memory())
+                                       for k, m in self.modules.items()})
 
 
 def module_shape(cfg: ModelConfig, name: str) -> tuple[int, int]:
@@ -156,4 +166,4 @@ def _module(acfg: dict, layer: int, name: str, ab: dict[str, torch.Tensor], cfg:
     if not (a.is_floating_point() and b.is_floating_point()):
         raise AdapterError(f"{where}: weights must be floating point, got {a.dtype} and {b.dtype}")
     # Kept in the file's dtype (host memory); the scale is applied in float32 before rounding back.
-    return LoRAModule(a.contiguous(), (b.float() * scale).to(b.dtype).contiguous())
+    return LoRAModule(a.contiguous(), (b.float() * scale).to(b.dtype).T.contiguous())

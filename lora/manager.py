@@ -51,10 +51,13 @@ class Adapter:
 
 
 class AdapterManager:
-    def __init__(self, config: LoRAConfig, model: ModelConfig, load_slot: SlotLoader) -> None:
+    def __init__(self, config: LoRAConfig, model: ModelConfig, load_slot: SlotLoader,
+                 pin_memory: bool = False) -> None:
+        """pin_memory: keep host copies page-locked (a CUDA device: slot loads copy asynchronously)."""
         self.config = config
         self.model = model
         self.load_slot = load_slot
+        self.pin_memory = pin_memory
         self.registry: dict[str, Adapter] = {}
         self.host: OrderedDict[int, LoRAAdapter] = OrderedDict()  # uid -> weights, LRU order
         self.slots: list[Adapter | None] = [None] * config.max_loras
@@ -71,14 +74,17 @@ class AdapterManager:
     # -- registry ------------------------------------------------------------------------------
     def read(self, path: str) -> LoRAAdapter:
         """Read and validate an adapter folder (AdapterError with the reason)."""
-        return read_adapter(path, self.model, self.config.max_lora_rank)
+        return self._host_copy(read_adapter(path, self.model, self.config.max_lora_rank))
+
+    def _host_copy(self, weights: LoRAAdapter) -> LoRAAdapter:
+        return weights.pinned() if self.pin_memory and not weights.is_pinned else weights
 
     def add(self, name: str, weights: LoRAAdapter) -> Adapter:
         if name in self.registry:
             raise ValueError(f"adapter name {name!r} is already loaded")
         adapter = Adapter(name, weights.path, weights.rank, next(self._uids))
         self.registry[name] = adapter
-        self._keep_host(adapter.uid, weights)
+        self._keep_host(adapter.uid, self._host_copy(weights))
         log.info("lmq: adapter %r loaded from %s (rank %d)", name, weights.path, adapter.rank)
         return adapter
 

@@ -41,11 +41,12 @@ class LoRAStack:
         self.a[:, slot].zero_()
         self.b[:, slot].zero_()
 
-    def set(self, slot: int, part: int, a: torch.Tensor, b: torch.Tensor) -> None:
-        """a: [r, in], b: [out_part, r] (scale folded in) -> the slot's part, ranks [0, r)."""
+    def set(self, slot: int, part: int, a: torch.Tensor, bt: torch.Tensor) -> None:
+        """a: [r, in], bt: [r, out_part] (B transposed, scale folded in) -> the slot's part,
+        ranks [0, r). From pinned host memory the copies do not block the host."""
         r, lo = a.shape[0], self.offsets[part]
         self.a[:r, slot, part].copy_(a, non_blocking=True)
-        self.b[:r, slot, part, lo:lo + self.parts[part]].copy_(b.T, non_blocking=True)
+        self.b[:r, slot, part, lo:lo + self.parts[part]].copy_(bt, non_blocking=True)
 
 
 @dataclass

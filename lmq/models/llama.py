@@ -121,11 +121,9 @@ class LlamaForCausalLM(nn.Module):
                 lin.lora.clear(slot)
         if adapter is None:
             return
-        dtype = self.embed_tokens.dtype
         for (i, name), m in adapter.modules.items():
             fused, part = PROJECTIONS[name]
-            stack = self.layers[i].projections()[fused].lora
-            stack.set(slot, part, m.a.to(dtype), m.b.to(dtype))
+            self.layers[i].projections()[fused].lora.set(slot, part, m.a, m.bt)  # copy_ casts to the stack dtype
 
     # -- weights -------------------------------------------------------------------------------
     def _targets(self, name: str) -> tuple[torch.Tensor, slice | None] | None:
