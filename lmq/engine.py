@@ -147,9 +147,6 @@ class LLMEngine:
         except KeyError as e:
             raise ValueError(e.args[0]) from None
 
-    def adapter_names(self) -> list[str]:
-        return [] if self.adapters is None else list(self.adapters.registry)
-
     def _new_seq(self, req: Request, index: int, token_ids: list[int]) -> Sequence:
         gen = None
         if req.params.seed is not None:

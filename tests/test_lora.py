@@ -168,6 +168,21 @@ def test_sampling_n_with_adapter(tiny_models, adapters, prompts):
     _check_idle(llm)
 
 
+def test_adapter_gone_from_disk_aborts_only_its_requests(tiny_models, adapters, prompts, reference, tmp_path):
+    import shutil
+
+    gone = shutil.copytree(adapters["all8"], tmp_path / "all8")
+    # One host slot: loading qv4 second evicts all8's host copy, so all8 must be re-read.
+    llm = _llm(tiny_models, adapters={"all8": str(gone), "qv4": adapters["qv4"]}, max_loras=1, max_cpu_loras=1)
+    shutil.rmtree(gone)
+    outs = llm.generate(prompts[:3], GREEDY, adapter=["qv4", "all8", None])
+    assert outs[0].outputs[0].token_ids == reference["qv4"][0]
+    assert outs[1].outputs[0].finish_reason == "abort"
+    assert outs[2].outputs[0].token_ids == reference[None][2]
+    assert "reloading adapter 'all8' failed" in llm.engine.adapters.registry["all8"].error
+    _check_idle(llm)
+
+
 # -- refusals ------------------------------------------------------------------------------------
 def _edit_config(folder, **changes) -> None:
     path = folder / "adapter_config.json"
