@@ -19,26 +19,19 @@ import argparse
 import json
 import random
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-# Run as a script, this file's folder leads sys.path and its name would shadow the `lora`
-# package: import the packages first, then the sibling benchmark module.
-HERE = str(Path(__file__).resolve().parent)
-sys.path[:] = [p for p in sys.path if str(Path(p or ".").resolve()) != HERE]
+import _paths  # noqa: F401  (first: see its docstring)
+import torch
+from safetensors.torch import save_file
+from throughput import _sync, load_hf, make_prompts, make_random_1b
+from tqdm.auto import tqdm
 
-import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from lmq import LLM, SamplingParams  # noqa: E402
-from lmq.weights import resolve_model  # noqa: E402
-from lora.adapter import module_shape  # noqa: E402
-
-sys.path.append(HERE)
-from throughput import _sync, load_hf, make_prompts, make_random_1b  # noqa: E402
+from lmq import LLM, SamplingParams
+from lmq.weights import resolve_model
+from lora.adapter import module_shape
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

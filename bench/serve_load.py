@@ -4,9 +4,11 @@ the offline engine on the same requests, on the same device, in the same run.
     python bench/serve_load.py                                      # CPU, the built-in model
     python bench/serve_load.py --random-1b --clients 64 256         # GPU, Llama-3.2-1B-shaped model
 
-The server runs in its own process (`python -m lmq.cli serve`), so the load generator does not
-share its interpreter. Each client sends --requests-per-client streaming /v1/completions requests
-one after another (random token-id prompts, exactly --output-len tokens, greedy). Reported:
+The server runs in its own process (`python -m lmq.cli serve`), and the clients are spread over
+--client-procs processes of their own, so the load generator neither shares the server's
+interpreter nor becomes the bottleneck itself. Each client sends --requests-per-client
+streaming /v1/completions requests one after another (random token-id prompts, exactly
+--output-len tokens, greedy). Reported:
 requests/s, output tokens/s, TTFT and inter-token latency p50/p99, errors, KV blocks free after
 the drain, and server throughput as a share of the offline engine's on the same requests.
 """
@@ -17,6 +19,7 @@ import argparse
 import asyncio
 import gc
 import json
+import multiprocessing
 import os
 import shutil
 import socket
@@ -25,18 +28,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import _paths  # noqa: F401  (first: see its docstring)
 import httpx
 import torch
+from throughput import make_prompts, make_random_1b
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).parent))
-from throughput import make_prompts, make_random_1b  # noqa: E402
-
-from lmq import LLM, SamplingParams  # noqa: E402
-from lmq.weights import resolve_model  # noqa: E402
+from lmq import LLM, SamplingParams
+from lmq.weights import resolve_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,18 +85,44 @@ async def _one(client: httpx.AsyncClient, url: str, prompt: list[int], output_le
         load.errors += 1
 
 
-async def run_load(url: str, prompts: list[list[int]], clients: int, output_len: int) -> tuple[Load, float]:
+async def _run_clients(url: str, per_client: list[list[list[int]]], output_len: int, start_at: float) -> Load:
     load = Load()
-    per_client = [prompts[i::clients] for i in range(clients)]
-    limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
+    n = len(per_client)
+    limits = httpx.Limits(max_connections=n + 8, max_keepalive_connections=n + 8)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
         async def worker(ps: list[list[int]]) -> None:
             for p in ps:
                 await _one(client, url, p, output_len, load)
 
-        t = time.perf_counter()
+        await asyncio.sleep(max(start_at - time.time(), 0))
         await asyncio.gather(*(worker(ps) for ps in per_client))
-        return load, time.perf_counter() - t
+    return load
+
+
+def _client_process(url: str, per_client: list[list[list[int]]], output_len: int,
+                    start_at: float) -> tuple[Load, float]:
+    load = asyncio.run(_run_clients(url, per_client, output_len, start_at))
+    return load, time.time()
+
+
+def run_load(url: str, prompts: list[list[int]], clients: int, output_len: int,
+             pool: ProcessPoolExecutor, procs: int) -> tuple[Load, float]:
+    """The clients, spread over the pool's `procs` processes (one Python process parsing every
+    SSE chunk of 256 streams would itself be the bottleneck), all starting at the same moment."""
+    per_client = [prompts[i::clients] for i in range(clients)]
+    start_at = time.time() + 3.0  # every process is up and waiting by then
+    futures = [pool.submit(_client_process, url, per_client[k::procs], output_len, start_at)
+               for k in range(min(procs, clients))]
+    total, end = Load(), start_at
+    for f in futures:
+        load, finished = f.result()
+        total.ttft += load.ttft
+        total.itl += load.itl
+        total.tokens += load.tokens
+        total.errors += load.errors
+        total.done += load.done
+        end = max(end, finished)
+    return total, end - start_at
 
 
 def offline_tok_s(folder: str, prompts: list[list[int]], warmup: list[list[int]], output_len: int,
@@ -156,6 +185,8 @@ def main() -> None:
     ap.add_argument("--requests-per-client", type=int, default=1)
     ap.add_argument("--input-len", type=int, default=64)
     ap.add_argument("--output-len", type=int, default=32)
+    ap.add_argument("--client-procs", type=int, default=max(min((os.cpu_count() or 2) // 2, 8), 1),
+                    help="processes the clients are spread over (default: half the cores, at most 8)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -165,6 +196,8 @@ def main() -> None:
     else:
         folder = resolve_model(args.model)
     rows = []
+    pool = ProcessPoolExecutor(args.client_procs, mp_context=multiprocessing.get_context("spawn"))
+    list(pool.map(time.sleep, [2.0] * args.client_procs))  # every client process started and imported
     for n in tqdm(args.clients, desc="client counts"):
         prompts = make_prompts(n * args.requests_per_client, args.input_len, 32000, seed=n)
         warmup = make_prompts(n, args.input_len, 32000, seed=10_000 + n)
@@ -175,8 +208,8 @@ def main() -> None:
         offline = offline_tok_s(folder, prompts, warmup, args.output_len, opts)
         proc, url = start_server(folder, opts, tmp / f"server-{n}.log")
         try:
-            asyncio.run(run_load(url, warmup, n, args.output_len))  # warm-up: graphs, connections
-            load, elapsed = asyncio.run(run_load(url, prompts, n, args.output_len))
+            run_load(url, warmup, n, args.output_len, pool, args.client_procs)  # warm-up: graphs, connections
+            load, elapsed = run_load(url, prompts, n, args.output_len, pool, args.client_procs)
             time.sleep(0.5)
             free = free_blocks(url)
         finally:
@@ -199,7 +232,9 @@ def main() -> None:
               f"{r['itl_p50_ms']:>6.1f}/{r['itl_p99_ms']:<8.1f} {r['errors']:>6} "
               f"{r['free_blocks_after']:>5}/{r['num_blocks']:<5}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": dev, "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"device": dev, "client_procs": args.client_procs, "rows": rows},
+                                              indent=1))
+    pool.shutdown()
     shutil.rmtree(tmp, ignore_errors=True)
 
 

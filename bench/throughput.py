@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _paths  # noqa: F401  (first: see its docstring)
 import torch
 from tqdm.auto import tqdm
 
