@@ -65,7 +65,7 @@ def build_app(router: Router, api_keys: tuple[str, ...] = ()) -> FastAPI:
     @app.get("/health")
     async def health() -> dict:
         if not engine.alive:
-            raise APIError(503, "the engine thread has stopped")
+            raise APIError(503, "the engine process has stopped")
         return {"status": "ok"}
 
     @app.get("/version")

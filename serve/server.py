@@ -10,18 +10,17 @@ from fastapi import FastAPI
 
 from lmq.async_engine import AsyncEngine
 from lmq.config import EngineConfig
-from lmq.engine import LLMEngine
-from lmq.tokenizer import Tokenizer
 from serve.app import build_app
 from serve.router import Route, Router
 
 
 def make_app(config: EngineConfig, served_model_name: str | None = None, api_keys: tuple[str, ...] = (),
              max_queue_len: int | None = None) -> FastAPI:
-    tokenizer = Tokenizer(config.model.path)
-    engine = AsyncEngine(LLMEngine(config, tokenizer), max_queue_len=max_queue_len)
+    """Starts the engine process (which loads the weights; this process loads only the
+    tokenizer) and returns once it is ready."""
+    engine = AsyncEngine(config, max_queue_len=max_queue_len)
     name = served_model_name or Path(config.model.path).name
-    return build_app(Router(Route(name, engine, tokenizer, config.scheduler.max_model_len)), api_keys)
+    return build_app(Router(Route(name, engine, engine.tokenizer, engine.config.scheduler.max_model_len)), api_keys)
 
 
 class _Server(uvicorn.Server):
