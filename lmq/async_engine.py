@@ -26,7 +26,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 
@@ -96,9 +96,12 @@ class RequestStream:
 
 class AsyncEngine:
     """Starts the engine process and blocks until it is ready (model loaded, KV cache sized);
-    its start-up error is raised here."""
+    its start-up error is raised here. `start_timeout`: seconds to wait for that (None: as long
+    as the process lives; loading a large model takes minutes). A script that builds one needs
+    the `if __name__ == "__main__":` guard, as `spawn` imports the main module in the child."""
 
-    def __init__(self, config: EngineConfig, max_queue_len: int | None = None) -> None:
+    def __init__(self, config: EngineConfig, max_queue_len: int | None = None,
+                 start_timeout: float | None = None) -> None:
         self.max_queue_len = max_queue_len
         ctx = multiprocessing.get_context("spawn")  # CUDA cannot live in a forked child
         ops_in, self._ops = ctx.Pipe(duplex=False)
@@ -111,7 +114,7 @@ class AsyncEngine:
         updates_out.close()
         try:
             self.tokenizer = Tokenizer(config.model.path)  # while the child loads the model
-            started = self._wait_started()
+            started = self._wait_started(start_timeout)
         except BaseException:
             self._kill()
             raise
@@ -132,15 +135,16 @@ class AsyncEngine:
         self._sender.start()
         self._receiver.start()
 
-    def _wait_started(self) -> core.CoreStarted:
-        ready = wait([self._updates, self.process.sentinel])
+    def _wait_started(self, timeout: float | None) -> core.CoreStarted:
+        ready = wait([self._updates, self.process.sentinel], timeout)
+        if not ready:
+            raise EngineDeadError(f"the engine process did not start within start_timeout={timeout} s")
+        started = None
         if self._updates in ready:
             try:
                 started = self._updates.recv()
             except EOFError:
-                started = None
-        else:
-            started = None
+                pass
         if started is None:
             self.process.join(5)
             raise EngineDeadError(f"the engine process exited while starting (exit code {self.process.exitcode})")
@@ -226,6 +230,9 @@ class AsyncEngine:
         with self._outbox_ready:
             self._outbox_ready.notify()  # a sender still waiting for ops sees _dead and ends
         self._sender.join(timeout)
+        if not self._receiver.is_alive() and not self._sender.is_alive():
+            self._ops.close()
+            self._updates.close()
 
     def _kill(self) -> None:
         if self.process.is_alive():
@@ -298,7 +305,7 @@ class AsyncEngine:
         if live is not None:
             self._post(_group([(live.stream, error)]))
         if future is not None:
-            future.set_exception(error)
+            _settle(future, error=error)
 
     # -- receiver thread -----------------------------------------------------------------------
     def _receive_loop(self) -> None:
@@ -331,7 +338,7 @@ class AsyncEngine:
         self._post(_group(pairs))
         for future, result in calls:
             if future is not None:
-                _resolve(future, result)
+                _settle(future, result.value, result.error)
 
     def _on_engine_gone(self) -> None:
         with self._lock:
@@ -344,7 +351,7 @@ class AsyncEngine:
         why = "the engine process has stopped" + ("" if expected else " unexpectedly (see its log)")
         self._post(_group((live.stream, EngineDeadError(why)) for live in lives))
         for future in calls:
-            future.set_exception(EngineDeadError(why))
+            _settle(future, error=EngineDeadError(why))
         with self._outbox_ready:
             self._outbox_ready.notify()
 
@@ -357,11 +364,14 @@ class AsyncEngine:
                 pass
 
 
-def _resolve(future: Future, result: core.CallResult) -> None:
-    if result.error is not None:
-        future.set_exception(result.error)
-    else:
-        future.set_result(result.value)
+def _settle(future: Future, value: object = None, error: BaseException | None = None) -> None:
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+    except InvalidStateError:  # its caller stopped waiting (cancelled)
+        pass
 
 
 def _group(pairs: Iterable[tuple[_Stream, object]]) -> Deliveries:

@@ -190,8 +190,8 @@ class EngineCore:
             value = operator.attrgetter(op.method)(self.engine)(*op.args)
         except Exception as e:
             return CallResult(op.call_id, error=portable(e))
-        try:
-            pickle.dumps(value)  # rare calls: checked here, so one bad value cannot sink the update
+        try:  # calls are rare: checked here, so one bad value cannot sink the whole update
+            pickle.loads(pickle.dumps(value))
         except Exception as e:
             return CallResult(op.call_id, error=TypeError(f"{op.method} returned a value that cannot be sent to "
                                                           f"the server process: {type(e).__name__}: {e}"))

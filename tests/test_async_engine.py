@@ -145,6 +145,8 @@ def test_call_returns_results_and_raises_the_engine_errors(engine):
 def test_extra_arguments_reach_llm_engine_add_request(engine):
     with pytest.raises(TypeError, match="no_such_option"):
         asyncio.run(_collect(engine, "x0", [5, 6, 7], SamplingParams(max_tokens=2), no_such_option=1))
+    with pytest.raises(TypeError, match="cannot send this to the engine process"):
+        asyncio.run(_collect(engine, "x0", [5, 6, 7], SamplingParams(max_tokens=2), adapter=lambda: 0))
     ok = asyncio.run(_collect(engine, "x1", [5, 6, 7], SamplingParams(max_tokens=2, ignore_eos=True)))
     assert len(ok[-1].outputs[0].token_ids) == 2
 
