@@ -28,7 +28,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
-from multiprocessing.connection import wait
+from multiprocessing.connection import Connection, wait
 
 from lmq import engine_core as core
 from lmq.config import EngineConfig
@@ -106,6 +106,8 @@ class AsyncEngine:
         ctx = multiprocessing.get_context("spawn")  # CUDA cannot live in a forked child
         ops_in, self._ops = ctx.Pipe(duplex=False)
         self._updates, updates_out = ctx.Pipe(duplex=False)
+        _widen(self._ops)
+        _widen(self._updates)
         self.process = ctx.Process(target=core.run_engine_core, args=(config, ops_in, updates_out),
                                    name="lmq-engine-core", daemon=True)
         self.process.start()
@@ -315,26 +317,44 @@ class AsyncEngine:
                 ready = wait([self._updates, self.process.sentinel])
                 if self._updates not in ready:
                     return
+                updates: list[core.CoreUpdate] = []
                 try:
-                    update = self._updates.recv()
+                    updates.append(self._updates.recv())
+                    while self._updates.poll():  # behind: take all that waits, deliver it once
+                        updates.append(self._updates.recv())
                 except EOFError:
                     return
-                self._on_update(update)
+                finally:
+                    if updates:
+                        self._on_updates(updates)
         except BaseException:
             log.exception("lmq: the engine receiver thread stopped")
             self._kill()
         finally:
             self._on_engine_gone()
 
-    def _on_update(self, update: core.CoreUpdate) -> None:
+    def _on_updates(self, updates: list[core.CoreUpdate]) -> None:
+        """Several updates of one request cost one snapshot: its stream keeps only the newest."""
+        touched: dict[str, tuple[_Live, bool]] = {}  # request id -> (its entry, finished)
+        failed: list[tuple[_Live, BaseException]] = []
         with self._lock:
-            self._stats, self._adds_applied = update.stats, update.adds_applied
-            # A finished request leaves the table here, so its id is free again at once.
-            lives = [(self._live.pop(d[0], None) if d[2] else self._live.get(d[0]), d)  # d[0]: id, d[2]: finished
-                     for d in update.deltas]
-            calls = [(self._calls.pop(r.call_id, None), r) for r in update.results]
-        pairs = [(live.stream, d[-1] if d[-1] is not None else live.assembler.apply(d))  # d[-1]: error
-                 for live, d in lives if live is not None]
+            self._stats, self._adds_applied = updates[-1].stats, updates[-1].adds_applied
+            for update in updates:
+                for delta in update.deltas:
+                    rid, finished, error = delta[0], delta[2], delta[-1]
+                    # A finished request leaves the table here, so its id is free again at once.
+                    live = self._live.pop(rid, None) if finished else self._live.get(rid)
+                    if live is None:
+                        continue
+                    if error is not None:
+                        failed.append((live, error))
+                        touched.pop(rid, None)
+                    else:
+                        live.assembler.update(delta)  # only this thread touches assemblers
+                        touched[rid] = (live, finished)
+            calls = [(self._calls.pop(r.call_id, None), r) for u in updates for r in u.results]
+        pairs = [(live.stream, live.assembler.snapshot(finished)) for live, finished in touched.values()]
+        pairs += [(live.stream, error) for live, error in failed]
         self._post(_group(pairs))
         for future, result in calls:
             if future is not None:
@@ -362,6 +382,17 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(_put_all, items)
             except RuntimeError:  # that event loop is closed: nobody is left to read these
                 pass
+
+
+def _widen(conn: Connection) -> None:
+    """A pipe of 1 MiB instead of Linux's 64 KiB: a burst of adds or step updates then seldom
+    blocks its writer (above all the engine process, which must not wait for this one)."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(conn.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
+    except (ImportError, AttributeError, OSError):  # not Linux, or above /proc/sys/fs/pipe-max-size
+        pass
 
 
 def _settle(future: Future, value: object = None, error: BaseException | None = None) -> None:

@@ -134,7 +134,11 @@ class OutputAssembler:
         self.num_cached_tokens = 0
 
     def apply(self, delta: RequestDelta) -> RequestOutput:
-        _, seqs, finished, self.first_token_time, self.num_cached_tokens, prompt_logprobs, _ = delta
+        self.update(delta)
+        return self.snapshot(delta[2])
+
+    def update(self, delta: RequestDelta) -> None:
+        _, seqs, _, self.first_token_time, self.num_cached_tokens, prompt_logprobs, _ = delta
         for index, token_ids, offset, text, logprobs, cumulative, finish_reason, stop_reason in seqs:
             while len(self.seqs) <= index:
                 self.seqs.append(_Seq(len(self.seqs), logprobs=[] if self.params.logprobs is not None else None))
@@ -147,7 +151,6 @@ class OutputAssembler:
         if prompt_logprobs:
             # A new list, so snapshots already handed out never change under their reader.
             self.prompt_logprobs = (self.prompt_logprobs or []) + prompt_logprobs
-        return self.snapshot(finished)
 
     def snapshot(self, finished: bool) -> RequestOutput:
         outs = [CompletionOutput(s.index, s.text, list(s.token_ids), s.finish_reason, s.stop_reason,

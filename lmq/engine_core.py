@@ -9,7 +9,7 @@ starts it), so its per-step Python work never waits for the server's event loop 
                                                         step's RequestDeltas, call results, stats
 
 Protocol: the child sends exactly one CoreStarted (its final config, or why it could not start),
-then a CoreUpdate per loop turn that did anything. Idle, it blocks on the pipe. It exits after
+then a CoreUpdate per loop turn that changed anything the parent sees. Idle, it blocks on the pipe. It exits after
 a Shutdown op (every request aborted first) or when the parent's end of the pipe closes.
 """
 
@@ -127,6 +127,8 @@ class EngineCore:
         self.engine, self.ops, self.updates = engine, ops, updates
         self.encoder = DeltaEncoder()
         self.adds_applied = 0
+        self.sent_stats: EngineStats | None = None  # as of the last update: unchanged ones are not sent
+        self.sent_adds = 0
         self.step_delay = 0.0
         self.fail_steps = 0
         self.stopping = False
@@ -144,10 +146,13 @@ class EngineCore:
             if self.engine.has_unfinished():
                 outputs += self._step(deltas)
             deltas += [self.encoder.encode(out) for out in outputs]
-            try:
-                self.updates.send(CoreUpdate(deltas, results, self.engine.stats(), self.adds_applied))
-            except OSError:  # the parent is gone
-                return
+            stats = self.engine.stats()
+            if deltas or results or stats != self.sent_stats or self.adds_applied != self.sent_adds:
+                try:
+                    self.updates.send(CoreUpdate(deltas, results, stats, self.adds_applied))
+                except OSError:  # the parent is gone
+                    return
+                self.sent_stats, self.sent_adds = stats, self.adds_applied
             if self.stopping and not self.engine.has_unfinished():
                 return
 
