@@ -367,7 +367,9 @@ class AsyncEngine:
             calls, self._calls = list(self._calls.values()), {}
             expected = self._stopping
         if not expected:
-            log.error("lmq: the engine process stopped unexpectedly; failing every request")
+            self._kill()  # reap it (no zombie while this side answers 503), or end it if it hangs on
+            log.error("lmq: the engine process stopped unexpectedly (exit code %s); failing every request",
+                      self.process.exitcode)
         why = "the engine process has stopped" + ("" if expected else " unexpectedly (see its log)")
         self._post(_group((live.stream, EngineDeadError(why)) for live in lives))
         for future in calls:

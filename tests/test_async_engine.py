@@ -206,6 +206,10 @@ def test_engine_process_death_fails_streams_calls_and_new_requests(tiny_models):
 
     asyncio.run(run())
     assert not eng.alive
+    deadline = time.monotonic() + 10
+    while eng.process.exitcode is None and time.monotonic() < deadline:  # reaped: no zombie
+        time.sleep(0.05)
+    assert eng.process.exitcode == -signal.SIGKILL
     t = time.monotonic()
     eng.shutdown()
     assert time.monotonic() - t < 10 and eng.process.exitcode == -signal.SIGKILL
