@@ -168,6 +168,16 @@ def start_server(folder: str, opts: dict, log: Path) -> tuple[subprocess.Popen, 
     raise RuntimeError("the server did not start")
 
 
+def _cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of one process so far, from /proc (Linux); the server's HTTP
+    process, not its engine process: near 1.0 per second of load means the HTTP side is busy."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def free_blocks(url: str) -> int:
     for line in httpx.get(url + "/metrics").text.splitlines():
         if line.startswith("lmq_kv_cache_free_blocks "):
@@ -209,7 +219,9 @@ def main() -> None:
         proc, url = start_server(folder, opts, tmp / f"server-{n}.log")
         try:
             run_load(url, warmup, n, args.output_len, pool, args.client_procs)  # warm-up: graphs, connections
+            cpu0 = _cpu_seconds(proc.pid)
             load, elapsed = run_load(url, prompts, n, args.output_len, pool, args.client_procs)
+            server_cpu = (_cpu_seconds(proc.pid) - cpu0) / elapsed
             time.sleep(0.5)
             free = free_blocks(url)
         finally:
@@ -220,17 +232,18 @@ def main() -> None:
                      "server_share_of_offline": load.tokens / elapsed / offline,
                      "ttft_p50_ms": 1e3 * _pct(load.ttft, 50), "ttft_p99_ms": 1e3 * _pct(load.ttft, 99),
                      "itl_p50_ms": 1e3 * _pct(load.itl, 50), "itl_p99_ms": 1e3 * _pct(load.itl, 99),
-                     "errors": load.errors, "free_blocks_after": free, "num_blocks": blocks})
+                     "errors": load.errors, "free_blocks_after": free, "num_blocks": blocks,
+                     "http_process_cpu_share": server_cpu})
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(f"\nmodel={'random-1b' if args.random_1b else folder} device={dev} input_len<={args.input_len} "
           f"output_len={args.output_len} requests/client={args.requests_per_client}")
     print(f"{'clients':>7} {'req/s':>7} {'tok/s':>8} {'offline':>8} {'share':>6} {'TTFT p50/p99 ms':>16} "
-          f"{'ITL p50/p99 ms':>15} {'errors':>6} {'free/blocks':>11}")
+          f"{'ITL p50/p99 ms':>15} {'errors':>6} {'free/blocks':>11} {'HTTP CPU':>8}")
     for r in rows:
         print(f"{r['clients']:>7} {r['req_s']:>7.2f} {r['out_tok_s']:>8.1f} {r['offline_tok_s']:>8.1f} "
               f"{r['server_share_of_offline']:>6.1%} {r['ttft_p50_ms']:>7.0f}/{r['ttft_p99_ms']:<8.0f} "
               f"{r['itl_p50_ms']:>6.1f}/{r['itl_p99_ms']:<8.1f} {r['errors']:>6} "
-              f"{r['free_blocks_after']:>5}/{r['num_blocks']:<5}")
+              f"{r['free_blocks_after']:>5}/{r['num_blocks']:<5} {r['http_process_cpu_share']:>7.0%}")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": dev, "client_procs": args.client_procs, "rows": rows},
                                               indent=1))

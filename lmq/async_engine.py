@@ -1,26 +1,42 @@
-"""AsyncEngine: an LLMEngine stepping on its own thread, one asyncio stream per request.
+"""AsyncEngine: the engine core in its own process, one asyncio stream per request.
 
-The server and the web UI are clients of this object. The event loop never waits for a step:
-`add_request` tokenizes and validates on the caller's thread (validation reads only fixed
-configuration) and queues the request; `abort` queues an abort. The engine thread, the only
-one that touches the engine's mutable state, applies the queued operations before each step
-and hands the step's RequestOutputs to their streams in one `call_soon_threadsafe` per loop.
-A consumer that goes away (client disconnect, task cancelled) aborts its request, which frees
-its KV blocks at the next step boundary.
+The server and the web UI are clients of this object. The engine (weights, scheduler, sampler,
+detokenizer) runs in a child process started with `spawn` (see engine_core.py), so its per-step
+Python work and the server's event loop never queue for one GIL. This side keeps only the
+tokenizer and the final engine config:
+
+- `add_request` tokenizes and validates on the caller's thread (ValueError, QueueFullError and
+  EngineDeadError are raised there), then queues the request for the sender thread, which
+  batches whatever is queued into one pipe message; the event loop never blocks on the pipe.
+- The receiver thread takes one CoreUpdate per engine step, rebuilds each request's cumulative
+  RequestOutput from its delta, and hands them to their streams in one `call_soon_threadsafe`
+  per event loop.
+- A consumer that goes away (client disconnect, task cancelled) aborts its request, which frees
+  its KV blocks at the next step boundary. The engine process dying fails every stream, call
+  and later request with EngineDeadError; it is never waited on without a timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import multiprocessing
 import threading
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
 
-from lmq.engine import EngineStats, LLMEngine
+from lmq import engine_core as core
+from lmq.config import EngineConfig
+from lmq.deltas import OutputAssembler
+from lmq.engine import EngineStats, validate_request
 from lmq.sampling import SamplingParams
 from lmq.sequence import RequestOutput
+from lmq.tokenizer import Tokenizer
 
 log = logging.getLogger("lmq")
 
@@ -33,7 +49,7 @@ class QueueFullError(RuntimeError):
 
 
 class EngineDeadError(RuntimeError):
-    """The engine thread has stopped."""
+    """The engine process has stopped."""
 
 
 @dataclass
@@ -42,24 +58,13 @@ class _Stream:
     queue: asyncio.Queue
 
 
-@dataclass(frozen=True)
-class _Add:
-    request_id: str
-    prompt_ids: list[int]  # tokenized on the caller's thread
-    params: SamplingParams
-    stream: bool  # outputs after every step, or only the finished one
-    adapter: str | None = None
+@dataclass
+class _Live:
+    """A request the engine process has not finished yet, as this side sees it."""
 
-
-@dataclass(frozen=True)
-class _Call:
-    """Run `LLMEngine.<method>(*args)` on the engine thread between steps; the result (or the
-    exception) resolves `future` on its event loop."""
-
-    method: str
-    args: tuple
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future
+    stream: _Stream
+    assembler: OutputAssembler  # touched by the receiver thread only
+    aborting: bool = False
 
 
 class RequestStream:
@@ -90,146 +95,287 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, max_queue_len: int | None = None) -> None:
-        self.engine = engine
-        self.max_queue_len = max_queue_len
-        self._lock = threading.Lock()  # guards _ops and _streams, never held during a step
-        self._ops: list[_Add | _Call | str] = []  # queued adds and calls, and request ids to abort
-        self._streams: dict[str, _Stream] = {}
-        self._wake = threading.Event()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="lmq-engine", daemon=True)
-        self._thread.start()
+    """Starts the engine process and blocks until it is ready (model loaded, KV cache sized);
+    its start-up error is raised here. `start_timeout`: seconds to wait for that (None: as long
+    as the process lives; loading a large model takes minutes). A script that builds one needs
+    the `if __name__ == "__main__":` guard, as `spawn` imports the main module in the child."""
 
-    # -- client side (event loop) --------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    stream: bool = True, adapter: str | None = None) -> RequestStream:
+    def __init__(self, config: EngineConfig, max_queue_len: int | None = None,
+                 start_timeout: float | None = None) -> None:
+        self.max_queue_len = max_queue_len
+        ctx = multiprocessing.get_context("spawn")  # CUDA cannot live in a forked child
+        ops_in, self._ops = ctx.Pipe(duplex=False)
+        self._updates, updates_out = ctx.Pipe(duplex=False)
+        _widen(self._ops)
+        _widen(self._updates)
+        self.process = ctx.Process(target=core.run_engine_core, args=(config, ops_in, updates_out),
+                                   name="lmq-engine-core", daemon=True)
+        self.process.start()
+        # Only the child keeps its ends: its death then reads as end-of-file here.
+        ops_in.close()
+        updates_out.close()
+        try:
+            self.tokenizer = Tokenizer(config.model.path)  # while the child loads the model
+            started = self._wait_started(start_timeout)
+        except BaseException:
+            self._kill()
+            raise
+        self.config: EngineConfig = started.config
+        self._stats: EngineStats = started.stats
+        self._lock = threading.Lock()  # guards the fields below
+        self._live: dict[str, _Live] = {}
+        self._calls: dict[int, Future] = {}
+        self._call_ids = itertools.count()
+        self._adds_sent = 0
+        self._adds_applied = 0
+        self._stopping = False
+        self._dead = False
+        self._outbox: list[core.Op] = []
+        self._outbox_ready = threading.Condition()
+        self._sender = threading.Thread(target=self._send_loop, name="lmq-engine-sender", daemon=True)
+        self._receiver = threading.Thread(target=self._receive_loop, name="lmq-engine-receiver", daemon=True)
+        self._sender.start()
+        self._receiver.start()
+
+    def _wait_started(self, timeout: float | None) -> core.CoreStarted:
+        ready = wait([self._updates, self.process.sentinel], timeout)
+        if not ready:
+            raise EngineDeadError(f"the engine process did not start within start_timeout={timeout} s")
+        started = None
+        if self._updates in ready:
+            try:
+                started = self._updates.recv()
+            except EOFError:
+                pass
+        if started is None:
+            self.process.join(5)
+            raise EngineDeadError(f"the engine process exited while starting (exit code {self.process.exitcode})")
+        if started.error is not None:
+            self.process.join(30)
+            raise started.error
+        return started
+
+    # -- client side ---------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, stream: bool = True,
+                    **extra: object) -> RequestStream:
         """Validate and queue a request now (ValueError, QueueFullError and EngineDeadError are
         raised here); iterate the returned stream for its outputs: one per step that changed it
-        with `stream`, else only the finished one. `adapter`: a loaded adapter's name."""
-        ids = self.engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self.engine.validate(ids, params)
+        with `stream`, else only the finished one. `extra` goes on to LLMEngine.add_request
+        (e.g. adapter="name"); what only the engine can check fails the stream instead."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        validate_request(self.config, ids, params)
         channel = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        text = prompt if isinstance(prompt, str) else None
+        live = _Live(channel, OutputAssembler(request_id, text, ids, params, time.monotonic()))
         with self._lock:
-            if not self.alive:
-                raise EngineDeadError("the engine is shutting down")
-            if request_id in self._streams:
+            self._check_open()
+            if request_id in self._live:
                 raise ValueError(f"request_id={request_id!r} is already in use")
-            queued = len(self.engine.scheduler.waiting) + sum(isinstance(op, _Add) for op in self._ops)
+            # Waiting in the engine at its last step, plus adds it has not taken yet.
+            queued = self._stats.num_waiting + self._adds_sent - self._adds_applied
             if self.max_queue_len is not None and queued >= self.max_queue_len:
                 raise QueueFullError(f"the waiting queue is full ({queued} requests, max_queue_len="
                                      f"{self.max_queue_len}); retry later")
-            self._ops.append(_Add(request_id, ids, params, stream, adapter))
-            self._streams[request_id] = channel
-        self._wake.set()
+            self._live[request_id] = live
+            self._adds_sent += 1
+            self._queue(core.Add(request_id, ids, params, stream, extra))  # under the lock: ops stay in order
         return RequestStream(self, request_id, channel)
 
-    async def call(self, method: str, *args: object) -> object:
-        """`LLMEngine.<method>(*args)` on the engine thread, between steps (adapter loading and
-        unloading); its exception is raised here."""
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        with self._lock:
-            if not self.alive:
-                raise EngineDeadError("the engine is shutting down")
-            self._ops.append(_Call(method, args, loop, future))
-        self._wake.set()
-        return await future
-
     def abort(self, request_id: str) -> None:
-        """Stop a request; its stream gets a last output with finish_reason "abort"."""
+        """Stop a request; its stream gets a last output with finish_reason "abort". A no-op for
+        a request that has finished."""
         with self._lock:
-            self._ops.append(request_id)
-        self._wake.set()
+            live = self._live.get(request_id)
+            if live is None or live.aborting or self._dead:
+                return
+            live.aborting = True
+            self._queue(core.Abort(request_id))
 
-    @property
-    def config(self):  # -> EngineConfig: fixed after start-up, so any thread may read it
-        return self.engine.config
+    async def call(self, method: str, *args: object) -> object:
+        """`getattr(llm_engine, method)(*args)` in the engine process between two steps (a dotted
+        path reaches further: "block_manager.check_integrity"); returns its (picklable) result
+        or raises its exception here."""
+        return await asyncio.wrap_future(self._call(method, args))
+
+    def call_blocking(self, method: str, *args: object, timeout: float | None = None) -> object:
+        """`call` for code outside an event loop (tests, threads)."""
+        return self._call(method, args).result(timeout)
+
+    def set_debug_hooks(self, step_delay: float = 0.0, fail_steps: int = 0) -> None:
+        """Test-only (see engine_core.DebugHooks): sleep `step_delay` s before every step; make the
+        next `fail_steps` steps raise. Applies to every request queued after this call."""
+        with self._lock:
+            self._check_open()
+            self._queue(core.DebugHooks(step_delay, fail_steps))
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._stopping
+        return not self._stopping and not self._dead
 
     def stats(self) -> EngineStats:
-        return self.engine.stats()  # plain counters: a read racing a step is at most one step stale
+        """As of the engine's last step."""
+        return self._stats
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        """Abort what is still running (each stream gets finish_reason "abort") and stop the thread."""
+        """Abort what is still running (each stream gets finish_reason "abort"), then stop the
+        engine process: it is asked first, killed if it has not exited after `timeout` s."""
         with self._lock:
+            ask = not self._stopping and not self._dead
             self._stopping = True
-            self._ops.extend(self._streams)
-        self._wake.set()
-        self._thread.join(timeout)
+            if ask:
+                self._queue(core.Shutdown())
+        self.process.join(timeout)
+        if self.process.is_alive():
+            log.warning("lmq: the engine process did not stop within %.0f s; killing it", timeout)
+        self._kill()
+        self._receiver.join(timeout)
+        with self._outbox_ready:
+            self._outbox_ready.notify()  # a sender still waiting for ops sees _dead and ends
+        self._sender.join(timeout)
+        if not self._receiver.is_alive() and not self._sender.is_alive():
+            self._ops.close()
+            self._updates.close()
 
-    # -- engine thread -------------------------------------------------------------------------
-    def _run(self) -> None:
+    def _kill(self) -> None:
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(5)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(5)
+
+    def _check_open(self) -> None:
+        if self._dead:
+            raise EngineDeadError("the engine process has stopped")
+        if self._stopping:
+            raise EngineDeadError("the engine is shutting down")
+
+    def _call(self, method: str, args: tuple) -> Future:
+        future: Future = Future()
+        with self._lock:
+            self._check_open()
+            call_id = next(self._call_ids)
+            self._calls[call_id] = future
+            self._queue(core.Call(call_id, method, args))
+        return future
+
+    def _queue(self, op: core.Op) -> None:
+        with self._outbox_ready:
+            self._outbox.append(op)
+            self._outbox_ready.notify()
+
+    # -- sender thread -------------------------------------------------------------------------
+    def _send_loop(self) -> None:
         try:
-            self._loop()
-        except BaseException as e:  # never leave a stream waiting on a dead thread
-            log.exception("lmq: the engine thread stopped")
-            with self._lock:
-                self._stopping = True
-                streams, self._streams = list(self._streams.values()), {}
-                calls, self._ops = [op for op in self._ops if isinstance(op, _Call)], []
-            dead = EngineDeadError(f"the engine thread stopped: {type(e).__name__}: {e}")
-            self._post(_group((st, dead) for st in streams))
-            for call in calls:
-                _resolve(call, None, dead)
+            while True:
+                with self._outbox_ready:
+                    while not self._outbox and not self._dead:
+                        self._outbox_ready.wait()
+                    ops, self._outbox = self._outbox, []
+                if not ops or not self._send(ops) or any(isinstance(op, core.Shutdown) for op in ops):
+                    return
+        except BaseException:  # nothing would reach the engine again: stop it, fail everything
+            log.exception("lmq: the engine sender thread stopped")
+            self._kill()
 
-    def _loop(self) -> None:
-        while True:
-            self._wake.wait()
-            with self._lock:
-                ops, self._ops = self._ops, []
-                self._wake.clear()
-            outputs = self._apply(ops)
-            if self.engine.has_unfinished():
-                self._wake.set()  # keep stepping
+    def _send(self, ops: list[core.Op]) -> bool:
+        """False once the engine process is gone (the receiver thread reports that)."""
+        try:
+            self._ops.send(ops)  # pickles everything before it writes a byte
+            return True
+        except OSError:
+            return False
+        except Exception:  # something in one op cannot be pickled: refuse that one, send the rest
+            for op in ops:
                 try:
-                    outputs += self.engine.step()
-                except Exception as e:  # a bug, not user input: fail the requests in flight, keep serving
-                    log.exception("lmq: engine step failed; aborting the requests in flight")
-                    self._fail_all(e)
-            self._deliver(outputs)
-            if self._stopping and not self.engine.has_unfinished():
-                with self._lock:
-                    if not self._ops:
-                        return
-
-    def _apply(self, ops: list[_Add | _Call | str]) -> list[RequestOutput]:
-        outputs = []
-        for op in ops:
-            if isinstance(op, _Add):
-                try:
-                    self.engine.add_request(op.request_id, op.prompt_ids, op.params, stream=op.stream,
-                                            adapter=op.adapter)
-                except Exception as e:  # validated before: a race on the request id or an unload, or a bug
-                    self._send(op.request_id, e)
-            elif isinstance(op, _Call):
-                try:
-                    result, error = getattr(self.engine, op.method)(*op.args), None
+                    self._ops.send([op])
+                except OSError:
+                    return False
                 except Exception as e:
-                    result, error = None, e
-                _resolve(op, result, error)
-            elif (out := self.engine.abort(op)) is not None:
-                outputs.append(out)
-        return outputs
+                    self._refuse(op, e)
+            return True
 
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
-        """One wake-up per event loop for the whole step, not one per request."""
-        pairs = []
+    def _refuse(self, op: core.Op, error: Exception) -> None:
+        error = TypeError(f"cannot send this to the engine process: {type(error).__name__}: {error}")
         with self._lock:
-            for out in outputs:
-                stream = self._streams.pop(out.request_id, None) if out.finished else self._streams.get(out.request_id)
-                if stream is not None:
-                    pairs.append((stream, out))
+            if isinstance(op, core.Add):
+                self._adds_sent -= 1
+                live = self._live.pop(op.request_id, None)
+            else:
+                live = None
+            future = self._calls.pop(op.call_id, None) if isinstance(op, core.Call) else None
+        if live is not None:
+            self._post(_group([(live.stream, error)]))
+        if future is not None:
+            _settle(future, error=error)
+
+    # -- receiver thread -----------------------------------------------------------------------
+    def _receive_loop(self) -> None:
+        try:
+            while True:
+                # The sentinel too: a grandchild holding the pipe open must not hide a death.
+                ready = wait([self._updates, self.process.sentinel])
+                if self._updates not in ready:
+                    return
+                updates: list[core.CoreUpdate] = []
+                try:
+                    updates.append(self._updates.recv())
+                    while self._updates.poll():  # behind: take all that waits, deliver it once
+                        updates.append(self._updates.recv())
+                except EOFError:
+                    return
+                finally:
+                    if updates:
+                        self._on_updates(updates)
+        except BaseException:
+            log.exception("lmq: the engine receiver thread stopped")
+            self._kill()
+        finally:
+            self._on_engine_gone()
+
+    def _on_updates(self, updates: list[core.CoreUpdate]) -> None:
+        """Several updates of one request cost one snapshot: its stream keeps only the newest."""
+        touched: dict[str, tuple[_Live, bool]] = {}  # request id -> (its entry, finished)
+        failed: list[tuple[_Live, BaseException]] = []
+        with self._lock:
+            self._stats, self._adds_applied = updates[-1].stats, updates[-1].adds_applied
+            for update in updates:
+                for delta in update.deltas:
+                    rid, finished, error = delta[0], delta[2], delta[-1]
+                    # A finished request leaves the table here, so its id is free again at once.
+                    live = self._live.pop(rid, None) if finished else self._live.get(rid)
+                    if live is None:
+                        continue
+                    if error is not None:
+                        failed.append((live, error))
+                        touched.pop(rid, None)
+                    else:
+                        live.assembler.update(delta)  # only this thread touches assemblers
+                        touched[rid] = (live, finished)
+            calls = [(self._calls.pop(r.call_id, None), r) for u in updates for r in u.results]
+        pairs = [(live.stream, live.assembler.snapshot(finished)) for live, finished in touched.values()]
+        pairs += [(live.stream, error) for live, error in failed]
         self._post(_group(pairs))
+        for future, result in calls:
+            if future is not None:
+                _settle(future, result.value, result.error)
 
-    def _send(self, request_id: str, item: object) -> None:
+    def _on_engine_gone(self) -> None:
         with self._lock:
-            stream = self._streams.pop(request_id, None)
-        if stream is not None:
-            self._post(_group([(stream, item)]))
+            self._dead = True
+            lives, self._live = list(self._live.values()), {}
+            calls, self._calls = list(self._calls.values()), {}
+            expected = self._stopping
+        if not expected:
+            self._kill()  # reap it (no zombie while this side answers 503), or end it if it hangs on
+            log.error("lmq: the engine process stopped unexpectedly (exit code %s); failing every request",
+                      self.process.exitcode)
+        why = "the engine process has stopped" + ("" if expected else " unexpectedly (see its log)")
+        self._post(_group((live.stream, EngineDeadError(why)) for live in lives))
+        for future in calls:
+            _settle(future, error=EngineDeadError(why))
+        with self._outbox_ready:
+            self._outbox_ready.notify()
 
     @staticmethod
     def _post(by_loop: Deliveries) -> None:
@@ -239,24 +385,25 @@ class AsyncEngine:
             except RuntimeError:  # that event loop is closed: nobody is left to read these
                 pass
 
-    def _fail_all(self, error: Exception) -> None:
-        for rid in list(self.engine.requests):
-            self.engine.abort(rid)
-            self._send(rid, error)
 
-
-def _resolve(call: _Call, result: object, error: BaseException | None) -> None:
-    def settle() -> None:
-        if call.future.done():  # the caller was cancelled
-            return
-        if error is None:
-            call.future.set_result(result)
-        else:
-            call.future.set_exception(error)
-
+def _widen(conn: Connection) -> None:
+    """A pipe of 1 MiB instead of Linux's 64 KiB: a burst of adds or step updates then seldom
+    blocks its writer (above all the engine process, which must not wait for this one)."""
     try:
-        call.loop.call_soon_threadsafe(settle)
-    except RuntimeError:  # that event loop is closed
+        import fcntl
+
+        fcntl.fcntl(conn.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
+    except (ImportError, AttributeError, OSError):  # not Linux, or above /proc/sys/fs/pipe-max-size
+        pass
+
+
+def _settle(future: Future, value: object = None, error: BaseException | None = None) -> None:
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+    except InvalidStateError:  # its caller stopped waiting (cancelled)
         pass
 
 

@@ -32,6 +32,29 @@ class EngineStats:
     num_preemptions: int
 
 
+def validate_request(config: EngineConfig, ids: list[int], params: SamplingParams) -> None:
+    """Refuse a request the engine could never serve. Reads only the (final, profiled) config, so
+    any thread, and a process without the engine, may call it."""
+    vocab = config.model.vocab_size
+    max_model_len = config.scheduler.max_model_len
+    if not ids:
+        raise ValueError("prompt is empty: at least 1 token is required")
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"prompt token id {bad[0]} is out of range [0, {vocab})")
+    want = len(ids) + (params.max_tokens or 1)
+    if want > max_model_len:
+        raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {want} exceeds "
+                         f"the context length max_model_len={max_model_len}")
+    num_blocks = config.cache.num_kv_blocks  # None only in a config not yet profiled
+    blocks = -(-want // config.cache.block_size)
+    if num_blocks is not None and blocks > num_blocks:
+        raise ValueError(f"prompt + max_tokens = {want} tokens needs {blocks} KV blocks but the cache has "
+                         f"only num_kv_blocks={num_blocks}")
+    if params.n > config.scheduler.max_num_seqs:
+        raise ValueError(f"n={params.n} exceeds max_num_seqs={config.scheduler.max_num_seqs}")
+
+
 class LLMEngine:
     """Owns one model. Not thread-safe: one thread calls add_request/step/abort."""
 
@@ -75,14 +98,17 @@ class LLMEngine:
 
     # -- requests ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    stream: bool = False, adapter: str | None = None) -> None:
+                    stream: bool = False, adapter: str | None = None, *, validated: bool = False) -> None:
         """Queue a request, for the base model or the loaded adapter named `adapter`.
-        `stream=True` detokenizes every step (for streaming deltas)."""
+        `stream=True` detokenizes every step (for streaming deltas). `validated=True`: the
+        caller already ran `validate_request` on this engine's config (AsyncEngine's front end
+        does, in the server process)."""
         if request_id in self.requests:
             raise ValueError(f"request_id={request_id!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self.validate(ids, params)
+        if not validated:
+            self.validate(ids, params)
         req = Request(request_id, text, ids, params, adapter=self._adapter(adapter))
         seq = self._new_seq(req, 0, list(ids))
         self.requests[request_id] = req
@@ -93,24 +119,7 @@ class LLMEngine:
         self.scheduler.add(seq)
 
     def validate(self, ids: list[int], params: SamplingParams) -> None:
-        """Refuse a request the engine could never serve. Reads only fixed configuration, so any
-        thread may call it."""
-        vocab = self.config.model.vocab_size
-        if not ids:
-            raise ValueError("prompt is empty: at least 1 token is required")
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token id {bad[0]} is out of range [0, {vocab})")
-        want = len(ids) + (params.max_tokens or 1)
-        if want > self.max_model_len:
-            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {want} exceeds "
-                             f"the context length max_model_len={self.max_model_len}")
-        blocks = self.block_manager.blocks_needed(want)
-        if blocks > self.block_manager.num_blocks:
-            raise ValueError(f"prompt + max_tokens = {want} tokens needs {blocks} KV blocks but the cache has "
-                             f"only num_kv_blocks={self.block_manager.num_blocks}")
-        if params.n > self.config.scheduler.max_num_seqs:
-            raise ValueError(f"n={params.n} exceeds max_num_seqs={self.config.scheduler.max_num_seqs}")
+        validate_request(self.config, ids, params)
 
     # -- adapters ------------------------------------------------------------------------------
     def _adapter(self, name: str | None) -> Adapter | None:

@@ -66,7 +66,7 @@ def build_app(router: Router, api_keys: tuple[str, ...] = (), lora_dir: str | No
     @app.get("/health")
     async def health() -> dict:
         if not engine.alive:
-            raise APIError(503, "the engine thread has stopped")
+            raise APIError(503, "the engine process has stopped")
         return {"status": "ok"}
 
     @app.get("/version")

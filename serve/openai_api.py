@@ -106,7 +106,8 @@ def start(job: Job, route: Route, stream: bool) -> list[RequestStream]:
     streams: list[RequestStream] = []
     try:
         for i, prompt in enumerate(job.prompts):
-            streams.append(route.engine.add_request(f"{job.id}-{i}", prompt, job.params, stream, route.adapter))
+            streams.append(route.engine.add_request(f"{job.id}-{i}", prompt, job.params, stream,
+                                                    adapter=route.adapter))
     except BaseException as e:
         for s in streams:
             s.abort()

@@ -10,8 +10,6 @@ from fastapi import FastAPI
 
 from lmq.async_engine import AsyncEngine
 from lmq.config import EngineConfig
-from lmq.engine import LLMEngine
-from lmq.tokenizer import Tokenizer
 from serve.app import build_app
 from serve.router import Route, Router
 
@@ -19,14 +17,18 @@ from serve.router import Route, Router
 def make_app(config: EngineConfig, served_model_name: str | None = None, api_keys: tuple[str, ...] = (),
              max_queue_len: int | None = None, adapters: dict[str, str] | None = None,
              lora_dir: str | None = None) -> FastAPI:
-    """adapters: name -> peft folder, served as models of their own (`model: name`)."""
-    tokenizer = Tokenizer(config.model.path)
-    llm_engine = LLMEngine(config, tokenizer)
-    for adapter, path in (adapters or {}).items():
-        llm_engine.load_adapter(adapter, path)
-    engine = AsyncEngine(llm_engine, max_queue_len=max_queue_len)
+    """Starts the engine process (which loads the weights; this process loads only the
+    tokenizer) and returns once it is ready. adapters: name -> peft folder, each served as a
+    model of its own (`model: name`)."""
+    engine = AsyncEngine(config, max_queue_len=max_queue_len)
+    try:
+        for adapter, path in (adapters or {}).items():
+            engine.call_blocking("load_adapter", adapter, path)
+    except BaseException:
+        engine.shutdown()
+        raise
     name = served_model_name or Path(config.model.path).name
-    router = Router(Route(name, engine, tokenizer, config.scheduler.max_model_len))
+    router = Router(Route(name, engine, engine.tokenizer, engine.config.scheduler.max_model_len))
     for adapter, path in (adapters or {}).items():
         router.add_adapter(adapter, path)
     return build_app(router, api_keys, lora_dir)

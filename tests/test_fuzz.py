@@ -51,4 +51,4 @@ def test_engine_idle_after_fuzzing(live):
     print("fuzz responses by status:", counts)
     assert counts.get("200", 0) > 20 and counts.get("400", 0) > 20  # the engine was reached, and refusals happened
     assert not any(code.startswith("5") for code in counts)
-    engine.engine.block_manager.check_integrity()
+    engine.call_blocking("block_manager.check_integrity", timeout=30)

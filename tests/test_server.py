@@ -59,7 +59,7 @@ def _wait_idle(server, timeout: float = 10.0) -> None:
     while time.monotonic() < deadline:
         s = _engine(server).stats()
         if s.num_free_blocks == s.num_blocks and s.num_running == 0 and s.num_waiting == 0:
-            _engine(server).engine.block_manager.check_integrity()
+            _engine(server).call_blocking("block_manager.check_integrity", timeout=10)
             return
         time.sleep(0.05)
     raise AssertionError(f"engine not idle after {timeout}s: {_engine(server).stats()}")
@@ -200,14 +200,8 @@ def test_non_json_body_and_unknown_model_and_context_length(server):
 
 def test_api_keys_and_queue_full(tiny_models):
     srv = _start(tiny_models["llama"], api_keys=(KEY,), max_queue_len=1, max_num_seqs=1)
-    engine = _engine(srv).engine
-    fast_step = engine.step
-
-    def slow_step():  # a tiny model is too quick to keep a request running while the test looks
-        time.sleep(0.02)
-        return fast_step()
-
-    engine.step = slow_step
+    # A tiny model is too quick to keep a request running while the test looks.
+    _engine(srv).set_debug_hooks(step_delay=0.02)
     try:
         body = {"model": MODEL, "prompt": "The quick brown", "max_tokens": 400, "ignore_eos": True, "stream": True}
         _assert_error(_post(srv, "/v1/completions", body), 401, "API key")
@@ -309,22 +303,31 @@ def test_lmq_serve_prints_url_and_aborts_streams_on_signal(tiny_models, sig):
 
 
 def test_engine_loop_survives_a_failed_step(server, client):
-    engine = _engine(server).engine
-    real_step = engine.step
-    calls = {"n": 0}
-
-    def failing_once():
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise RuntimeError("injected step failure")
-        return real_step()
-
-    engine.step = failing_once
+    _engine(server).set_debug_hooks(fail_steps=1)  # the next step raises, in the engine process
     try:
         broken = _post(server, "/v1/completions", {"model": MODEL, "prompt": "The quick", "max_tokens": 4})
         _assert_error(broken, 500, "internal error")
         ok = client.completions.create(model=MODEL, prompt="The quick", max_tokens=4)
         assert ok.choices[0].finish_reason in ("stop", "length")
     finally:
-        engine.step = real_step
+        _engine(server).set_debug_hooks()
     _wait_idle(server)
+
+
+def test_engine_process_death_is_503_and_unhealthy(tiny_models):
+    srv = _start(tiny_models["llama"])
+    try:
+        engine = _engine(srv)
+        engine.set_debug_hooks(step_delay=0.02)
+        body = {"model": MODEL, "prompt": "The quick", "max_tokens": 400, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=30) as resp:
+            lines = resp.iter_lines()
+            next(lines)
+            engine.process.kill()
+            with pytest.raises(httpx.RemoteProtocolError):  # the stream breaks off: no [DONE]
+                for _ in lines:
+                    pass
+        _assert_error(httpx.get(srv.url + "/health", timeout=10), 503, "engine process has stopped")
+        _assert_error(_post(srv, "/v1/completions", {"model": MODEL, "prompt": "x"}), 503, "stopped")
+    finally:
+        srv.stop()
