@@ -111,6 +111,7 @@ class AdapterManager:
     def _drop_if_unused(self, adapter: Adapter) -> None:
         if adapter.unloaded and adapter.num_requests == 0:
             self.host.pop(adapter.uid, None)
+            self._pending.discard(adapter)  # a read still running is dropped when it ends
             for s, held in enumerate(self.slots):
                 if held is adapter and self.slot_pins[s] == 0:
                     self.slots[s] = None
