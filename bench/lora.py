@@ -26,7 +26,7 @@ from pathlib import Path
 import _paths  # noqa: F401  (first: see its docstring)
 import torch
 from safetensors.torch import save_file
-from throughput import _sync, load_hf, make_prompts, make_random_1b
+from throughput import _sync, load_hf, make_prompts, make_random_1b, run_hf
 from tqdm.auto import tqdm
 
 from lmq import LLM, SamplingParams
@@ -77,19 +77,8 @@ def run_peft(base: torch.nn.Module, paths: dict[str, Path], prompts: list[list[i
     for n in tqdm(used[1:], desc="peft: loading adapters", leave=False):
         model.load_adapter(str(paths[n]), adapter_name=n)
     model.eval()
-    total = 0.0
-    for i in range(0, len(prompts), batch):
-        ps, ns = prompts[i:i + batch], names[i:i + batch]
-        width = max(len(p) for p in ps)
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in ps], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps], device=device)
-        _sync(device)
-        t = time.perf_counter()
-        with torch.inference_mode():
-            model.generate(input_ids=ids, attention_mask=mask, adapter_names=ns, do_sample=False,
-                           max_new_tokens=output_len, pad_token_id=0)
-        _sync(device)
-        total += time.perf_counter() - t
+    total = sum(run_hf(model, prompts[i:i + batch], output_len, device, adapter_names=names[i:i + batch])
+                for i in range(0, len(prompts), batch))
     model.unload()  # the base model without adapter layers, for the next N
     return total
 

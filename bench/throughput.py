@@ -65,15 +65,18 @@ def load_hf(folder: str, dtype: torch.dtype, device: str) -> torch.nn.Module:
     return model
 
 
-def run_hf(model: torch.nn.Module, prompts: list[list[int]], output_len: int, device: str) -> float:
-    """Seconds for HF `generate` on the prompts as one left-padded batch."""
+def run_hf(model: torch.nn.Module, prompts: list[list[int]], output_len: int, device: str,
+           **generate_kwargs: object) -> float:
+    """Seconds for HF `generate` on the prompts as one left-padded batch (`generate_kwargs`:
+    more arguments, e.g. peft's `adapter_names`)."""
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     _sync(device)
     t = time.perf_counter()
     with torch.inference_mode():
-        model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=output_len, pad_token_id=0)
+        model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=output_len,
+                       pad_token_id=0, **generate_kwargs)
     _sync(device)
     return time.perf_counter() - t
 
