@@ -32,6 +32,11 @@ class Block:
     key: BlockKey | None = None  # set once the block is full and registered in the prefix cache
 
 
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    """Blocks that hold `num_tokens` positions (ceiling division)."""
+    return -(-num_tokens // block_size)
+
+
 def _key(parent_hash: int, tokens: list[int], extra: object) -> BlockKey:
     return (parent_hash, tuple(tokens), extra)
 
@@ -60,7 +65,7 @@ class BlockManager:
         return self.tables.get(seq_id, [])
 
     def blocks_needed(self, num_slots: int) -> int:
-        return -(-num_slots // self.block_size)
+        return blocks_for(num_slots, self.block_size)
 
     def find_cached_prefix(self, token_ids: list[int], extra: object = None) -> list[int]:
         """Blocks holding the longest cached run of full leading blocks of `token_ids`. At least

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmq.block_manager import BlockManager
+from lmq.block_manager import BlockManager, blocks_for
 from lmq.config import EngineConfig
 from lmq.sampling import Sampler, SamplerRow, SamplingParams, token_logprobs
 from lmq.scheduler import ScheduledBatch, Scheduler
@@ -47,7 +47,7 @@ def validate_request(config: EngineConfig, ids: list[int], params: SamplingParam
         raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {want} exceeds "
                          f"the context length max_model_len={max_model_len}")
     num_blocks = config.cache.num_kv_blocks  # None only in a config not yet profiled
-    blocks = -(-want // config.cache.block_size)
+    blocks = blocks_for(want, config.cache.block_size)
     if num_blocks is not None and blocks > num_blocks:
         raise ValueError(f"prompt + max_tokens = {want} tokens needs {blocks} KV blocks but the cache has "
                          f"only num_kv_blocks={num_blocks}")
@@ -89,7 +89,7 @@ class LLMEngine:
     @staticmethod
     def _cap_blocks(config: EngineConfig, profiled: int) -> int:
         """No more blocks than max_num_seqs sequences of full length can use."""
-        per_seq = -(-config.scheduler.max_model_len // config.cache.block_size)
+        per_seq = blocks_for(config.scheduler.max_model_len, config.cache.block_size)
         return min(profiled, config.scheduler.max_num_seqs * per_seq)
 
     @property

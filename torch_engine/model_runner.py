@@ -12,6 +12,7 @@ from types import ModuleType
 import torch
 
 from lmq.attention import AttentionMetadata
+from lmq.block_manager import blocks_for
 from lmq.config import EngineConfig, ModelConfig
 from lmq.models import ARCHITECTURES
 from lmq.sampling import SamplingParams
@@ -118,7 +119,7 @@ class ModelRunner:
         """One step at the token budget, as prompts of at most max_model_len tokens each."""
         budget, max_len = self.config.scheduler.max_num_batched_tokens, self.config.model.max_model_len
         lens = [max_len] * (budget // max_len) + ([budget % max_len] if budget % max_len else [])
-        blocks_per_seq = -(-max(lens) // self.block_size)
+        blocks_per_seq = blocks_for(max(lens), self.block_size)
         self.allocate_kv_cache(blocks_per_seq * len(lens))
         scheduled = []
         for i, n in enumerate(lens):
@@ -138,7 +139,7 @@ class ModelRunner:
         self.scratch_block = num_blocks
         if self.device.type == "cuda" and self.config.enable_cuda_graph:
             self.graphs = DecodeGraphs(self, self.config.scheduler.max_num_seqs,
-                                       -(-m.max_model_len // self.block_size))
+                                       blocks_for(m.max_model_len, self.block_size))
 
     # -- one step ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -240,7 +241,7 @@ class ModelRunner:
     def _block_tables(self, seqs: list[ScheduledSeq]) -> tuple[list[int], tuple[int, int]]:
         """Flat [B, nb] rows padded with the scratch block; nb covers each seq's positions up to this step."""
         bs = self.block_size
-        nb = max((-(-(s.start + s.num_new_tokens) // bs) for s in seqs), default=0)
+        nb = max((blocks_for(s.start + s.num_new_tokens, bs) for s in seqs), default=0)
         pad = self.scratch_block
         flat: list[int] = []
         for s in seqs:
