@@ -108,7 +108,7 @@ class LLMEngine:
         text = prompt if isinstance(prompt, str) else None
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not validated:
-            self.validate(ids, params)
+            validate_request(self.config, ids, params)
         req = Request(request_id, text, ids, params, adapter=self._adapter(adapter))
         seq = self._new_seq(req, 0, list(ids))
         self.requests[request_id] = req
@@ -118,19 +118,9 @@ class LLMEngine:
             self.streaming.add(request_id)
         self.scheduler.add(seq)
 
-    def validate(self, ids: list[int], params: SamplingParams) -> None:
-        validate_request(self.config, ids, params)
-
     # -- adapters ------------------------------------------------------------------------------
     def _adapter(self, name: str | None) -> Adapter | None:
-        if name is None:
-            return None
-        if self.adapters is None:
-            raise ValueError(f"adapter={name!r} was requested but LoRA is not enabled for this engine")
-        try:
-            return self.adapters.get(name)
-        except KeyError as e:
-            raise ValueError(e.args[0]) from None
+        return None if name is None else self._lora().get(name)
 
     def _lora(self) -> AdapterManager:
         if self.adapters is None:
@@ -140,7 +130,7 @@ class LLMEngine:
     def load_adapter(self, name: str, path: str) -> None:
         """Read, validate and register a peft adapter (AdapterError says what is wrong)."""
         manager = self._lora()
-        if name in manager.registry:
+        if name in manager.registry:  # before reading the folder; add() checks again
             raise ValueError(f"adapter name {name!r} is already loaded")
         self.add_adapter(name, manager.read(path))
 
@@ -150,11 +140,7 @@ class LLMEngine:
 
     def unload_adapter(self, name: str) -> None:
         """New requests can no longer name it; requests already accepted finish first."""
-        manager = self._lora()
-        try:
-            manager.remove(name)
-        except KeyError as e:
-            raise ValueError(e.args[0]) from None
+        self._lora().remove(name)
 
     def _new_seq(self, req: Request, index: int, token_ids: list[int]) -> Sequence:
         gen = None

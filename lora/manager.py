@@ -98,7 +98,7 @@ class AdapterManager:
         adapter = self.registry.get(name)
         if adapter is None:
             known = ", ".join(self.registry) or "none"
-            raise KeyError(f"adapter {name!r} is not loaded (loaded adapters: {known})")
+            raise ValueError(f"adapter {name!r} is not loaded (loaded adapters: {known})")
         return adapter
 
     def retain(self, adapter: Adapter) -> None:

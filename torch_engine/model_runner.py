@@ -146,8 +146,8 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> ModelOutput:
         inp = self.prepare(batch)
         decode_only = inp.meta.num_prefill_seqs == 0
-        wants_prompt = any(_num_prompt_rows(s) for s in inp.order)
-        if self.graphs is not None and decode_only and not wants_prompt:
+        # Prompt rows are looked for here only when a graph could run; _logits finds them otherwise.
+        if self.graphs is not None and decode_only and not any(_num_prompt_rows(s) for s in inp.order):
             logits = self.graphs.run(inp)  # [Bd, V]; all decodes, so `order` is the batch order
             return ModelOutput(logits[[i for i, s in enumerate(inp.order) if s.samples]], {})
         hidden = self.model(inp.token_ids, inp.positions, self.kv_caches, inp.meta, inp.lora)  # [T, hidden]
