@@ -66,8 +66,4 @@ class AdapterAdmin:
     def _check_free(self, name: str) -> None:
         if not name or len(name) > 256:
             raise APIError(400, f"lora_name={name!r} is invalid: must be 1 to 256 characters", param="lora_name")
-        try:
-            self.router.resolve(name)
-        except APIError:
-            return
-        raise APIError(400, f"lora_name={name!r} is already in use by a served model", param="lora_name")
+        self.router.check_free(name)  # before reading the folder; add_adapter checks again under the lock

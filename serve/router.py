@@ -37,9 +37,13 @@ class Router:
                            param="model", code="model_not_found")
         return route
 
-    def add_adapter(self, name: str, path: str) -> Route:
+    def check_free(self, name: str) -> None:
+        """400 if a served model (the base or an adapter) already has this name."""
         if name in self._routes:
             raise APIError(400, f"lora_name={name!r} is already in use by a served model", param="lora_name")
+
+    def add_adapter(self, name: str, path: str) -> Route:
+        self.check_free(name)
         route = dataclasses.replace(self.base, name=name, adapter=name, root=path)
         self._routes[name] = route
         return route
