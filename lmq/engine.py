@@ -5,13 +5,13 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from lmq.block_manager import BlockManager, blocks_for
 from lmq.config import EngineConfig
-from lmq.sampling import Sampler, SamplerRow, SamplingParams, token_logprobs
+from lmq.sampling import SampledTokens, Sampler, SamplerRow, SamplingParams, token_logprobs
 from lmq.scheduler import ScheduledBatch, Scheduler
 from lmq.sequence import Request, RequestOutput, Sequence
 from lmq.tokenizer import Detokenizer, Tokenizer
@@ -30,6 +30,18 @@ class EngineStats:
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_preemptions: int
+
+
+@dataclass
+class StepInFlight:
+    """A step queued on the device by `LLMEngine.launch_step`, not yet finished."""
+
+    batch: ScheduledBatch
+    seqs: list[Sequence]  # the sequences that sample, in the sampler's row order
+    sampled: SampledTokens | None  # None: nothing samples this step
+    prompt_logits: dict[int, torch.Tensor]  # seq_id -> [n, V]: rows predicting prompt tokens
+    # The requests `finish_step` changed so far (also when it failed midway).
+    touched: dict[str, Request] = field(default_factory=dict)
 
 
 def validate_request(config: EngineConfig, ids: list[int], params: SamplingParams) -> None:
@@ -153,16 +165,26 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now; its KV blocks return to the pool at once."""
-        req = self.requests.pop(request_id, None)
-        if req is None:
-            return None
+        req = self.abort_request(request_id)
+        return None if req is None else RequestOutput.from_request(req)
+
+    def abort_request(self, request_id: str) -> Request | None:
+        """`abort`, returning the request itself (None if unknown) for `outputs`."""
+        req = self.requests.get(request_id)
+        if req is not None:
+            self._abort(req)
+        return req
+
+    def _abort(self, req: Request) -> None:
         req.aborted = True
         for seq in req.seqs:
             if not seq.is_finished:
-                seq.finish("abort")
+                if seq.read_offset < seq.num_tokens:  # text not decoded yet (see `outputs`)
+                    self.detokenizer.step(seq)
+                if not seq.is_finished:  # (unless that text completed a stop string)
+                    seq.finish("abort")
                 self.scheduler.remove(seq)
         self._forget(req)
-        return RequestOutput.from_request(req)
 
     def _forget(self, req: Request) -> None:
         """The request is over: drop it and release its adapter."""
@@ -183,36 +205,66 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model, sample. Returns an output for every request that finished,
         and for every streaming request that changed."""
-        aborted = self._abort_broken_adapters()
+        aborted = self.abort_broken_adapters()
+        return self.outputs(aborted + self.finish_step(self.launch_step()))
+
+    def launch_step(self) -> StepInFlight:
+        """Schedule and queue the step's forward pass and sampling on the device; the host does
+        not wait for them (see `finish_step`)."""
         batch = self.scheduler.schedule()
         if batch.is_empty:
             if self.adapters is not None:  # waiting only for adapters being read from disk
                 self.adapters.wait_for_reads(timeout=0.05)
-            return aborted
+            return StepInFlight(batch, [], None, {})
         out = self.runner.execute(batch)
         self.scheduler.on_step_done(batch)
-        touched: dict[str, Request] = {}
-        for s in batch.seqs:
-            if s.seq.seq_id in out.prompt_logits:
-                self._prompt_logprobs(s.start, s.seq, out.prompt_logits[s.seq.seq_id])
         seqs, logits = self._expand_forks(batch, out.sample_logits)
-        if seqs:
-            rows = [self._sampler_row(s) for s in seqs]
-            sampled = self.sampler(logits, rows)
-            now = time.monotonic()
-            for seq, tok, lp in zip(seqs, sampled.token_ids, sampled.logprobs):
-                self._append(seq, tok, lp)
-                seq.request.first_token_time = seq.request.first_token_time or now
-                touched[seq.request.request_id] = seq.request
-        return aborted + [out for req in touched.values() if (out := self._output(req)) is not None]
+        sampled = self.sampler.launch(logits, [self._sampler_row(s) for s in seqs]) if seqs else None
+        return StepInFlight(batch, seqs, sampled, out.prompt_logits)
 
-    def _abort_broken_adapters(self) -> list[RequestOutput]:
-        """Requests whose adapter could not be read back from disk end with finish_reason "abort"."""
+    def finish_step(self, step: StepInFlight) -> list[Request]:
+        """Wait for the step's tokens and append them (stop tokens, stop strings and length end
+        sequences here, and finished requests leave the engine). Returns the requests the step
+        changed, for `outputs`."""
+        touched = step.touched
+        sampled = step.sampled.result() if step.sampled is not None else None
+        for s in step.batch.seqs:
+            if s.seq.seq_id in step.prompt_logits:
+                self._prompt_logprobs(s.start, s.seq, step.prompt_logits[s.seq.seq_id])
+        if sampled is not None:
+            now = time.monotonic()
+            for seq, tok, lp in zip(step.seqs, sampled.token_ids, sampled.logprobs):
+                self._append(seq, tok, lp)
+                req = seq.request
+                req.first_token_time = req.first_token_time or now
+                touched[req.request_id] = req
+                if req.is_finished:
+                    self._forget(req)
+        return list(touched.values())
+
+    def outputs(self, reqs: list[Request]) -> list[RequestOutput]:
+        """Outputs of requests a step changed: every finished one and every streaming one. May
+        run after the next step was launched (the engine process builds them while the device
+        computes), so streaming text is decoded here rather than token by token in the step."""
+        outs = []
+        for req in reqs:
+            if req.is_finished or req.request_id in self.streaming:
+                for seq in req.seqs:
+                    if not seq.is_finished and seq.read_offset < seq.num_tokens:
+                        self.detokenizer.step(seq)
+                outs.append(RequestOutput.from_request(req))
+        return outs
+
+    def abort_broken_adapters(self) -> list[Request]:
+        """Requests whose adapter could not be read back from disk end with finish_reason
+        "abort"; returns them. Called before each step."""
         if self.adapters is None or self.adapters.num_errors == self._adapter_errors:
             return []
         self._adapter_errors = self.adapters.num_errors
-        broken = [rid for rid, req in self.requests.items() if req.adapter is not None and req.adapter.error]
-        return [out for rid in broken if (out := self.abort(rid)) is not None]
+        broken = [req for req in self.requests.values() if req.adapter is not None and req.adapter.error]
+        for req in broken:
+            self._abort(req)
+        return broken
 
     @staticmethod
     def _sampler_row(seq: Sequence) -> SamplerRow:
@@ -261,13 +313,12 @@ class LLMEngine:
         if logprobs is not None:
             seq.logprobs.append(logprobs)
         p = seq.params
-        incremental = bool(p.stop) or seq.request.request_id in self.streaming
         if token in p.stop_token_ids:
             seq.finish("stop", token)
         elif not p.ignore_eos and token in self.eos_token_ids:
             seq.finish("stop")
         hide_stop_token = seq.is_finished and not p.include_stop_str_in_output  # like vLLM: not in the text
-        if incremental and not hide_stop_token:
+        if p.stop and not hide_stop_token:  # stop strings are looked for token by token
             self.detokenizer.step(seq)
         if not seq.is_finished and (seq.num_output_tokens >= (p.max_tokens or self.max_model_len)
                                     or seq.num_tokens >= self.max_model_len):
@@ -278,9 +329,3 @@ class LLMEngine:
                 # Whole text at once: also releases what incremental decoding held back (an
                 # incomplete character at the end).
                 seq.text = self.detokenizer.full_text(seq, seq.num_tokens - hide_stop_token)
-
-    def _output(self, req: Request) -> RequestOutput | None:
-        if req.is_finished:
-            self._forget(req)
-            return RequestOutput.from_request(req)
-        return RequestOutput.from_request(req) if req.request_id in self.streaming else None

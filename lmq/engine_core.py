@@ -4,13 +4,16 @@ starts it), so its per-step Python work never waits for the server's event loop 
     server process                                   engine process (spawned)
     AsyncEngine ── sender thread ── list[Op] ───────► EngineCore.run:
                                                         apply ops (add / abort / call / ...)
-                                                        step (when something is unfinished)
-               ◄── receiver thread ◄── CoreUpdate ───── one message per loop turn: the
+                                                        launch a step (when something is unfinished)
+               ◄── receiver thread ◄── CoreUpdate ───── one message per loop turn, sent while
+                                                        the device runs the step: the previous
                                                         step's RequestDeltas, call results, stats
+                                                        finish the step (wait for its tokens)
 
 Protocol: the child sends exactly one CoreStarted (its final config, or why it could not start),
-then a CoreUpdate per loop turn that changed anything the parent sees. Idle, it blocks on the pipe. It exits after
-a Shutdown op (every request aborted first) or when the parent's end of the pipe closes.
+then a CoreUpdate per loop turn that changed anything the parent sees. Idle, it blocks on the
+pipe. It exits after a Shutdown op (every request aborted first) or when the parent's end of
+the pipe closes.
 """
 
 from __future__ import annotations
@@ -27,9 +30,9 @@ from multiprocessing.connection import Connection
 
 from lmq.config import EngineConfig
 from lmq.deltas import DeltaEncoder, RequestDelta, failed_delta
-from lmq.engine import EngineStats, LLMEngine
+from lmq.engine import EngineStats, LLMEngine, StepInFlight
 from lmq.sampling import SamplingParams
-from lmq.sequence import RequestOutput
+from lmq.sequence import Request
 
 log = logging.getLogger("lmq")
 
@@ -143,29 +146,49 @@ class EngineCore:
         self.step_delay = 0.0
         self.fail_steps = 0
         self.stopping = False
+        self.failed: list[RequestDelta] = []  # deltas of requests failed after the last update
 
     def run(self) -> None:
+        """One turn: apply the ops that arrived, launch a step, send what the previous step
+        changed while the device computes this one, then wait for this step's tokens.
+
+            host:    apply ops | launch n | outputs of n-1, send | finish n (wait) | apply ops | launch n+1
+            device:            | forward + sample n ...........  |                  |           | ...
+
+        Scheduling step n+1 needs step n's tokens, so only the output work (detokenizing,
+        snapshots, deltas, pickling) overlaps the device; that is most of what a server adds
+        over the offline engine."""
+        touched: dict[str, Request] = {}  # changed by the last turn, outputs not sent yet
         while True:
-            ops = self._receive(block=not self.engine.has_unfinished())
+            idle = not (self.engine.has_unfinished() or touched or self.failed)
+            ops = self._receive(block=idle)
             if ops is None:  # the parent is gone: nobody is left to serve
                 return
-            outputs: list[RequestOutput] = []
-            deltas: list[RequestDelta] = []
+            deltas, self.failed = self.failed, []
             results: list[CallResult] = []
             for op in ops:
-                self._apply(op, outputs, deltas, results)
+                self._apply(op, touched, deltas, results)
+            step = None
             if self.engine.has_unfinished():
-                outputs += self._step(deltas)
-            deltas += [self.encoder.encode(out) for out in outputs]
-            stats = self.engine.stats()
-            if deltas or results or stats != self.sent_stats or self.adds_applied != self.sent_adds:
-                try:
-                    self.updates.send(CoreUpdate(deltas, results, stats, self.adds_applied))
-                except OSError:  # the parent is gone
-                    return
-                self.sent_stats, self.sent_adds = stats, self.adds_applied
-            if self.stopping and not self.engine.has_unfinished():
+                touched.update((req.request_id, req) for req in self.engine.abort_broken_adapters())
+                step = self._launch(touched, deltas)
+            deltas += [self.encoder.encode(out) for out in self.engine.outputs(list(touched.values()))]
+            if not self._send(deltas, results):
                 return
+            touched = self._finish(step) if step is not None else {}
+            if self.stopping and not (self.engine.has_unfinished() or touched or self.failed):
+                return
+
+    def _send(self, deltas: list[RequestDelta], results: list[CallResult]) -> bool:
+        """One update, if anything the parent sees changed; False when the parent is gone."""
+        stats = self.engine.stats()
+        if deltas or results or stats != self.sent_stats or self.adds_applied != self.sent_adds:
+            try:
+                self.updates.send(CoreUpdate(deltas, results, stats, self.adds_applied))
+            except OSError:
+                return False
+            self.sent_stats, self.sent_adds = stats, self.adds_applied
+        return True
 
     def _receive(self, block: bool) -> list[Op] | None:
         """Every op batch waiting in the pipe; blocks for the first one only when idle."""
@@ -179,7 +202,7 @@ class EngineCore:
             return None
         return ops
 
-    def _apply(self, op: Op, outputs: list[RequestOutput], deltas: list[RequestDelta],
+    def _apply(self, op: Op, touched: dict[str, Request], deltas: list[RequestDelta],
                results: list[CallResult]) -> None:
         if isinstance(op, Add):
             self.adds_applied += 1
@@ -189,8 +212,8 @@ class EngineCore:
             except Exception as e:  # e.g. an unknown adapter: the parent could not know
                 deltas.append(failed_delta(op.request_id, portable(e)))
         elif isinstance(op, Abort):
-            if (out := self.engine.abort(op.request_id)) is not None:
-                outputs.append(out)
+            if (req := self.engine.abort_request(op.request_id)) is not None:
+                touched[req.request_id] = req
         elif isinstance(op, Call):
             results.append(self._call(op))
         elif isinstance(op, DebugHooks):
@@ -198,8 +221,7 @@ class EngineCore:
         elif isinstance(op, Shutdown):
             self.stopping = True
             for rid in list(self.engine.requests):
-                if (out := self.engine.abort(rid)) is not None:
-                    outputs.append(out)
+                touched[rid] = self.engine.abort_request(rid)
 
     def _call(self, op: Call) -> CallResult:
         try:
@@ -213,22 +235,40 @@ class EngineCore:
                                                           f"the server process: {type(e).__name__}: {e}"))
         return CallResult(op.call_id, value)
 
-    def _step(self, deltas: list[RequestDelta]) -> list[RequestOutput]:
+    def _launch(self, touched: dict[str, Request], deltas: list[RequestDelta]) -> StepInFlight | None:
+        """The step, queued on the device; None if it failed (its requests fail with it)."""
         if self.step_delay:
             time.sleep(self.step_delay)
         try:
             if self.fail_steps:
                 self.fail_steps -= 1
                 raise RuntimeError("injected step failure (DebugHooks.fail_steps)")
-            return self.engine.step()
-        except Exception as e:  # a bug, not user input: fail the requests in flight, keep serving
-            log.exception("lmq: engine step failed; failing the requests in flight")
-            error = portable(e)
-            for rid in list(self.engine.requests):
-                self.engine.abort(rid)
-                self.encoder.forget(rid)
-                deltas.append(failed_delta(rid, error))
-            return []
+            return self.engine.launch_step()
+        except Exception as e:
+            failed = self._fail_in_flight(e, [])
+            for rid in failed:  # finished earlier, they keep their outputs; these do not
+                touched.pop(rid, None)
+            deltas += [failed_delta(rid, portable(e)) for rid in failed]
+            return None
+
+    def _finish(self, step: StepInFlight) -> dict[str, Request]:
+        """The requests the step changed. If it fails, they and the rest in flight fail; their
+        deltas go out with the next turn's."""
+        try:
+            return {req.request_id: req for req in self.engine.finish_step(step)}
+        except Exception as e:
+            self.failed += [failed_delta(rid, portable(e)) for rid in self._fail_in_flight(e, list(step.touched))]
+            return {}
+
+    def _fail_in_flight(self, error: Exception, also: list[str]) -> list[str]:
+        """A failed step is a bug, not user input: abort every request in flight (and `also`,
+        which may have left it already) and keep serving. Returns their ids."""
+        log.error("lmq: engine step failed; failing the requests in flight", exc_info=error)
+        rids = list(dict.fromkeys(list(self.engine.requests) + also))
+        for rid in rids:
+            self.engine.abort(rid)
+            self.encoder.forget(rid)
+        return rids
 
 
 def portable(error: BaseException) -> BaseException:

@@ -3,6 +3,10 @@
 The sampler works on one step's logits for every sequence that produces a token in that
 step. Randomness is drawn per row: a row with a `seed` draws from its own torch.Generator, so
 its tokens do not depend on what else is in the batch.
+
+`Sampler.launch` only queues work on the logits' device (greedy, top-k/top-p/min-p and seeded
+rows alike; penalties are the exception, they read the history back); `SampledTokens.result`
+is where the host waits for the tokens. Between the two the engine has the host to itself.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+from lmq.transfer import to_device
 
 _GREEDY_EPS = 1e-5
 MAX_LOGPROBS = 20
@@ -142,16 +148,16 @@ def _mask_top_k_top_p_min_p(logits: torch.Tensor, rows: list[SamplerRow]) -> tor
     dev = logits.device
     if any(p > 0 for p in min_p):
         probs = logits.softmax(-1)
-        thresh = torch.tensor(min_p, device=dev)[:, None] * probs.max(-1, keepdim=True).values
+        thresh = to_device(min_p, dev, torch.float32)[:, None] * probs.max(-1, keepdim=True).values
         logits = logits.masked_fill(probs < thresh, float("-inf"))
     if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
         sorted_logits, order = logits.sort(-1, descending=True)  # [B, V]
         ranks = torch.arange(vocab, device=dev)[None, :]
-        sorted_logits = sorted_logits.masked_fill(ranks >= torch.tensor(top_k, device=dev)[:, None], float("-inf"))
+        sorted_logits = sorted_logits.masked_fill(ranks >= to_device(top_k, dev)[:, None], float("-inf"))
         # top_p on the mass left after top_k: keep the smallest prefix whose mass reaches top_p
         # (the token crossing it stays).
         probs = sorted_logits.softmax(-1)
-        drop = (probs.cumsum(-1) - probs) >= torch.tensor(top_p, device=dev)[:, None]
+        drop = (probs.cumsum(-1) - probs) >= to_device(top_p, dev, torch.float32)[:, None]
         drop[:, 0] = False
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
@@ -165,7 +171,8 @@ def _random_sample(logits: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor
     q = torch.empty_like(probs)
     unseeded = [i for i, r in enumerate(rows) if r.generator is None]
     if unseeded:
-        q[unseeded] = torch.empty_like(probs[unseeded]).exponential_()
+        index = to_device(unseeded, probs.device)
+        q[index] = torch.empty_like(probs[index]).exponential_()
     for i, r in enumerate(rows):
         if r.generator is not None:
             q[i].exponential_(generator=r.generator)
@@ -195,10 +202,31 @@ def token_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: list[int]
     return out
 
 
+@dataclass
+class SampledTokens:
+    """A step's sampling, queued on the device: `result()` waits for it and reads it back."""
+
+    tokens: torch.Tensor  # [B] int64 on the logits' device
+    logprobs_of: torch.Tensor | None  # [Bw, V] float32 logits of the rows that want logprobs
+    want: list[int]  # those rows
+    ks: list[int]  # their top-k alternatives
+
+    def result(self) -> SamplerOutput:
+        logprobs: list[dict[int, Logprob] | None] = [None] * self.tokens.shape[0]
+        if self.want:
+            chosen = self.tokens[to_device(self.want, self.tokens.device)]
+            for i, entry in zip(self.want, token_logprobs(self.logprobs_of.log_softmax(-1), chosen, self.ks)):
+                logprobs[i] = entry
+        return SamplerOutput(token_ids=self.tokens.tolist(), logprobs=logprobs)
+
+
 class Sampler:
     """Turns a step's logits [B, V] into one token per row."""
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplerRow]) -> SamplerOutput:
+        return self.launch(logits, rows).result()
+
+    def launch(self, logits: torch.Tensor, rows: list[SamplerRow]) -> SampledTokens:
         logits = logits.float()
         raw = logits
         if any(r.params.needs_penalties for r in rows):
@@ -207,13 +235,11 @@ class Sampler:
         rand = [i for i, r in enumerate(rows) if not r.params.greedy]
         if rand:
             sub_rows = [rows[i] for i in rand]
-            temps = torch.tensor([r.params.temperature for r in sub_rows], device=logits.device)[:, None]
-            sub = _mask_top_k_top_p_min_p(logits[rand] / temps, sub_rows)
-            tokens[rand] = _random_sample(sub, sub_rows)
+            index = to_device(rand, logits.device)
+            temps = to_device([r.params.temperature for r in sub_rows], logits.device, torch.float32)[:, None]
+            sub = _mask_top_k_top_p_min_p(logits[index] / temps, sub_rows)
+            tokens[index] = _random_sample(sub, sub_rows)
         want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
-        logprobs: list[dict[int, Logprob] | None] = [None] * len(rows)
-        if want:
-            lp = raw[want].log_softmax(-1)
-            for i, entry in zip(want, token_logprobs(lp, tokens[want], [rows[i].params.logprobs for i in want])):
-                logprobs[i] = entry
-        return SamplerOutput(token_ids=tokens.tolist(), logprobs=logprobs)
+        # Logprobs are of the model's distribution (before penalties), like vLLM's default.
+        logprobs_of = raw[to_device(want, raw.device)] if want else None
+        return SampledTokens(tokens, logprobs_of, want, [rows[i].params.logprobs for i in want])

@@ -126,3 +126,42 @@ def test_streamed_text_never_shows_a_stop_string_it_later_cuts(llm):
     deltas = list(llm.stream(prompt, replace(params, stop=(stop,))))
     assert "".join(deltas) == whole == text[:text.index(stop)]
     _idle(llm)
+
+
+def test_outputs_built_after_the_next_launch_equal_step_outputs(llm):
+    """The engine process builds a step's outputs after launching the next step (they overlap
+    the device's work): streamed text and tokens are those of `generate`, and an aborted
+    streaming request's text covers every token it got."""
+    eng = llm.engine
+    params = [SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True),
+              SamplingParams(temperature=0.8, seed=7, n=2, max_tokens=16, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)]
+    prompts = random_prompts(3, [70, 9, 33], seed=41)
+    expected = llm.generate(prompts, params)
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        eng.add_request(f"o{i}", p, sp, stream=True)
+    texts: dict[tuple[str, int], list[str]] = {}
+    last: dict[str, object] = {}
+    touched, steps = [], 0
+    while eng.has_unfinished() or touched:
+        step = eng.launch_step() if eng.has_unfinished() else None
+        for out in eng.outputs(touched):  # the previous step's, while this one is in flight
+            last[out.request_id] = out
+            for c in out.outputs:
+                texts.setdefault((out.request_id, c.index), []).append(c.text)
+        touched = eng.finish_step(step) if step is not None else []
+        steps += 1
+        if steps == 12:
+            touched.append(eng.abort_request("o2"))
+    for i in (0, 1):
+        assert [c.token_ids for c in last[f"o{i}"].outputs] == [c.token_ids for c in expected[i].outputs]
+        assert [c.text for c in last[f"o{i}"].outputs] == [c.text for c in expected[i].outputs]
+    for (rid, _), seen in texts.items():  # each streamed text extends the one before
+        assert all(b.startswith(a) for a, b in zip(seen, seen[1:])), rid
+    aborted = last["o2"].outputs[0]
+    assert aborted.finish_reason == "abort" and 0 < len(aborted.token_ids) < 40
+    assert aborted.token_ids == expected[2].outputs[0].token_ids[:len(aborted.token_ids)]
+    upto = llm.generate(prompts[2], replace(params[2], max_tokens=len(aborted.token_ids)))[0].outputs[0]
+    # Decoded incrementally, an incomplete last character is held back; else the same text.
+    assert aborted.text == upto.text or upto.text.endswith("\ufffd") and upto.text.startswith(aborted.text)
+    _idle(llm)

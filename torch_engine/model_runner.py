@@ -18,6 +18,7 @@ from lmq.models import ARCHITECTURES
 from lmq.sampling import SamplingParams
 from lmq.scheduler import ScheduledBatch, ScheduledSeq
 from lmq.sequence import Request, Sequence
+from lmq.transfer import to_device
 from lmq.weights import iterate_weights
 from lora.adapter import LoRAAdapter
 from lora.ops import LoRAMetadata
@@ -149,7 +150,10 @@ class ModelRunner:
         # Prompt rows are looked for here only when a graph could run; _logits finds them otherwise.
         if self.graphs is not None and decode_only and not any(_num_prompt_rows(s) for s in inp.order):
             logits = self.graphs.run(inp)  # [Bd, V]; all decodes, so `order` is the batch order
-            return ModelOutput(logits[[i for i, s in enumerate(inp.order) if s.samples]], {})
+            rows = [i for i, s in enumerate(inp.order) if s.samples]
+            if len(rows) < len(inp.order):
+                logits = logits[to_device(rows, logits.device)]
+            return ModelOutput(logits, {})
         hidden = self.model(inp.token_ids, inp.positions, self.kv_caches, inp.meta, inp.lora)  # [T, hidden]
         return self._logits(batch, inp, hidden)
 
@@ -161,7 +165,10 @@ class ModelRunner:
             if n := _num_prompt_rows(s):
                 prompt_rows[s.seq.seq_id] = list(range(off, off + n))
         rows = sample_rows + [r for rs in prompt_rows.values() for r in rs]
-        logits = self.model.compute_logits(hidden[rows]) if rows else hidden.new_zeros(0, 1).float()
+        if rows:  # (a list index would make the host wait here for the forward pass)
+            logits = self.model.compute_logits(hidden[to_device(rows, hidden.device)])
+        else:
+            logits = hidden.new_zeros(0, 1).float()
         out, k = {}, len(sample_rows)
         for seq_id, rs in prompt_rows.items():
             out[seq_id] = logits[k:k + len(rs)]
