@@ -104,7 +104,14 @@ class Request:
 
     @property
     def is_finished(self) -> bool:
-        return self.aborted or (len(self.seqs) == self.params.n and all(s.is_finished for s in self.seqs))
+        if self.aborted:
+            return True
+        if len(self.seqs) < self.params.n:
+            return False
+        for s in self.seqs:  # (a loop, not all(...): this runs for every request every step)
+            if s.status is not SequenceStatus.FINISHED:
+                return False
+        return True
 
     @property
     def needs_fork(self) -> bool:
@@ -138,7 +145,8 @@ class RequestOutput:
     def from_request(req: Request) -> RequestOutput:
         """A snapshot (copies, not views: the engine keeps appending to the sequences). While a
         sequence runs, text that may still turn out to begin a stop string is held back."""
-        hold = max((len(x) for x in req.params.stop), default=1) - 1
+        stop = req.params.stop
+        hold = max(map(len, stop)) - 1 if stop else 0
         outs = []
         for s in req.seqs:
             ids = s.output_token_ids
