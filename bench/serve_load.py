@@ -178,11 +178,19 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def free_blocks(url: str) -> int:
+def metric(url: str, name: str) -> float:
+    """One sample of the server's /metrics by its full name (e.g. `lmq_kv_cache_free_blocks`)."""
     for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith("lmq_kv_cache_free_blocks "):
-            return int(float(line.split()[1]))
-    raise RuntimeError("no lmq_kv_cache_free_blocks in /metrics")
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise RuntimeError(f"no {name} in /metrics")
+
+
+def server_ttft(url: str) -> tuple[float, float]:
+    """(sum, count) of the server's own TTFT histogram: from the HTTP handler taking the
+    request to the engine sampling its first token (the client's TTFT adds the connection,
+    the parsing and the delivery of the first chunk)."""
+    return (metric(url, "lmq_time_to_first_token_seconds_sum"), metric(url, "lmq_time_to_first_token_seconds_count"))
 
 
 def main() -> None:
@@ -219,11 +227,12 @@ def main() -> None:
         proc, url = start_server(folder, opts, tmp / f"server-{n}.log")
         try:
             run_load(url, warmup, n, args.output_len, pool, args.client_procs)  # warm-up: graphs, connections
-            cpu0 = _cpu_seconds(proc.pid)
+            cpu0, ttft0 = _cpu_seconds(proc.pid), server_ttft(url)
             load, elapsed = run_load(url, prompts, n, args.output_len, pool, args.client_procs)
             server_cpu = (_cpu_seconds(proc.pid) - cpu0) / elapsed
+            ttft1 = server_ttft(url)
             time.sleep(0.5)
-            free = free_blocks(url)
+            free = int(metric(url, "lmq_kv_cache_free_blocks"))
         finally:
             proc.terminate()
             proc.wait(60)
@@ -231,6 +240,8 @@ def main() -> None:
                      "out_tok_s": load.tokens / elapsed, "offline_tok_s": offline,
                      "server_share_of_offline": load.tokens / elapsed / offline,
                      "ttft_p50_ms": 1e3 * _pct(load.ttft, 50), "ttft_p99_ms": 1e3 * _pct(load.ttft, 99),
+                     "ttft_mean_ms": 1e3 * statistics.fmean(load.ttft) if load.ttft else float("nan"),
+                     "server_ttft_mean_ms": 1e3 * (ttft1[0] - ttft0[0]) / max(ttft1[1] - ttft0[1], 1),
                      "itl_p50_ms": 1e3 * _pct(load.itl, 50), "itl_p99_ms": 1e3 * _pct(load.itl, 99),
                      "errors": load.errors, "free_blocks_after": free, "num_blocks": blocks,
                      "http_process_cpu_share": server_cpu})
@@ -238,12 +249,14 @@ def main() -> None:
     print(f"\nmodel={'random-1b' if args.random_1b else folder} device={dev} input_len<={args.input_len} "
           f"output_len={args.output_len} requests/client={args.requests_per_client}")
     print(f"{'clients':>7} {'req/s':>7} {'tok/s':>8} {'offline':>8} {'share':>6} {'TTFT p50/p99 ms':>16} "
-          f"{'ITL p50/p99 ms':>15} {'errors':>6} {'free/blocks':>11} {'HTTP CPU':>8}")
+          f"{'ITL p50/p99 ms':>15} {'errors':>6} {'free/blocks':>11} {'HTTP CPU':>8} "
+          f"{'TTFT mean client/server ms':>26}")
     for r in rows:
         print(f"{r['clients']:>7} {r['req_s']:>7.2f} {r['out_tok_s']:>8.1f} {r['offline_tok_s']:>8.1f} "
               f"{r['server_share_of_offline']:>6.1%} {r['ttft_p50_ms']:>7.0f}/{r['ttft_p99_ms']:<8.0f} "
               f"{r['itl_p50_ms']:>6.1f}/{r['itl_p99_ms']:<8.1f} {r['errors']:>6} "
-              f"{r['free_blocks_after']:>5}/{r['num_blocks']:<5} {r['http_process_cpu_share']:>7.0%}")
+              f"{r['free_blocks_after']:>5}/{r['num_blocks']:<5} {r['http_process_cpu_share']:>7.0%} "
+              f"{r['ttft_mean_ms']:>14.0f}/{r['server_ttft_mean_ms']:<11.0f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": dev, "client_procs": args.client_procs, "rows": rows},
                                               indent=1))

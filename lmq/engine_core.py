@@ -147,6 +147,7 @@ class EngineCore:
         self.fail_steps = 0
         self.stopping = False
         self.failed: list[RequestDelta] = []  # deltas of requests failed after the last update
+        self.overlap = engine.runner.device.type == "cuda"  # the device runs a step while the host works
 
     def run(self) -> None:
         """One turn: apply the ops that arrived, launch a step, send what the previous step
@@ -157,7 +158,8 @@ class EngineCore:
 
         Scheduling step n+1 needs step n's tokens, so only the output work (detokenizing,
         snapshots, deltas, pickling) overlaps the device; that is most of what a server adds
-        over the offline engine."""
+        over the offline engine. On a CPU the forward pass runs inside `launch_step`, so there
+        is nothing to overlap and a step's outputs go out in its own turn, one step sooner."""
         touched: dict[str, Request] = {}  # changed by the last turn, outputs not sent yet
         while True:
             idle = not (self.engine.has_unfinished() or touched or self.failed)
@@ -172,6 +174,10 @@ class EngineCore:
             if self.engine.has_unfinished():
                 touched.update((req.request_id, req) for req in self.engine.abort_broken_adapters())
                 step = self._launch(touched, deltas)
+            if step is not None and not self.overlap:
+                touched.update(self._finish(step))
+                step, deltas = None, deltas + self.failed
+                self.failed = []
             deltas += [self.encoder.encode(out) for out in self.engine.outputs(list(touched.values()))]
             if not self._send(deltas, results):
                 return
