@@ -3,23 +3,39 @@
 A decode step of B sequences whose block tables span nb blocks is padded to a bucket
 (B_pad, nb_pad) and replayed from a graph captured once per bucket. Inputs live in static
 buffers; padded rows write their K/V to the runner's scratch block and attend only to it.
-Graphs share one memory pool: only one replays at a time and its logits are consumed (sampled)
-before the next step. A step with adapter tokens uses the graph of its (bucket, LoRA rank):
-each token's slot is a static input too, so any mix of adapters replays the same graph.
+Graphs share one memory pool and write their logits into one static buffer: only one replays
+at a time and its logits are consumed (sampled) before the next step, so no graph keeps
+memory of its own beyond what the pool's largest capture needs.
+
+The base-model buckets are captured when the KV cache is allocated (`capture_all`): a
+capture takes tens of milliseconds, and a server whose batches change shape all the time
+would otherwise stall on one whenever a new (B_pad, nb_pad) first shows up. Left for first
+use: buckets whose decode attention would gather more than `PRECAPTURE_GATHER_BYTES` of K/V
+in one layer (long contexts at large batches: the pool keeps its largest capture's memory, so
+capturing them all at start would hold memory the KV cache was sized to use), and steps with
+adapter tokens, which use the graph of their (bucket, LoRA rank): each token's slot is a
+static input too, so any mix of adapters replays the same graph.
 """
 
 from __future__ import annotations
 
 import bisect
+import logging
+import time
 from typing import TYPE_CHECKING
 
 import torch
+from tqdm.auto import tqdm
 
 from lmq.attention import AttentionMetadata
 from lora.ops import LoRAMetadata
 
 if TYPE_CHECKING:
     from torch_engine.model_runner import ModelInput, ModelRunner
+
+log = logging.getLogger("lmq")
+
+PRECAPTURE_GATHER_BYTES = 256 << 20  # K and V of one layer, B_pad * nb_pad blocks
 
 
 def _buckets(limit: int, small: tuple[int, ...]) -> list[int]:
@@ -44,8 +60,30 @@ class DecodeGraphs:
         self.context_lens = torch.ones(mb, dtype=torch.int64, device=dev)
         self.block_tables = torch.zeros(mb, mbl, dtype=torch.int64, device=dev)
         self.lora_slots = torch.full((mb,), -1, dtype=torch.int64, device=dev)
-        self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.logits = torch.empty(mb, runner.config.model.vocab_size, dtype=torch.float32, device=dev)  # [mb, V]
+        self.graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}
         self.pool = None
+
+    def capture_all(self) -> None:
+        """Capture the base-model buckets within PRECAPTURE_GATHER_BYTES now. The static
+        inputs point at the scratch block, so the warm-up forward passes write no K/V that a
+        sequence owns."""
+        scratch = self.runner.scratch_block
+        self.token_ids.zero_()
+        self.positions.zero_()
+        self.slots.fill_(scratch * self.runner.block_size)
+        self.context_lens.fill_(1)
+        self.block_tables.fill_(scratch)
+        self.lora_slots.fill_(-1)
+        m = self.runner.config.model
+        block_bytes = m.kv_bytes_per_token // m.num_layers * self.runner.block_size  # K and V, one layer
+        keys = [(bp, nbp, 0) for bp in reversed(self.batch_buckets) for nbp in reversed(self.block_buckets)
+                if bp * nbp * block_bytes <= PRECAPTURE_GATHER_BYTES]
+        start = time.perf_counter()
+        for key in tqdm(keys, desc="capturing decode CUDA graphs", leave=False, disable=None):
+            if key not in self.graphs:
+                self.graphs[key] = self._capture(*key)
+        log.info("lmq: captured %d decode CUDA graphs in %.1f s", len(keys), time.perf_counter() - start)
 
     def run(self, inp: ModelInput) -> torch.Tensor:
         """Replays (capturing on first use) the bucket's graph; returns logits [B, V] float32."""
@@ -74,9 +112,8 @@ class DecodeGraphs:
         key = (bp, nbp, rank)
         if key not in self.graphs:
             self.graphs[key] = self._capture(bp, nbp, rank)
-        graph, logits = self.graphs[key]
-        graph.replay()
-        return logits[:b]
+        self.graphs[key].replay()
+        return self.logits[:b]
 
     def _forward(self, bp: int, nbp: int, rank: int) -> torch.Tensor:
         empty = self.token_ids.new_zeros(0)
@@ -95,7 +132,7 @@ class DecodeGraphs:
         hidden = model(self.token_ids[:bp], self.positions[:bp], self.runner.kv_caches, meta, lora)
         return model.compute_logits(hidden)
 
-    def _capture(self, bp: int, nbp: int, rank: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, bp: int, nbp: int, rank: int) -> torch.cuda.CUDAGraph:
         stream = torch.cuda.Stream(self.runner.device)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -103,6 +140,7 @@ class DecodeGraphs:
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._forward(bp, nbp, rank)
+            # Into the shared buffer: the capture's own output is freed back to the pool.
+            self.logits[:bp].copy_(self._forward(bp, nbp, rank))
         self.pool = graph.pool()
-        return graph, logits
+        return graph

@@ -121,7 +121,7 @@ class ModelRunner:
         budget, max_len = self.config.scheduler.max_num_batched_tokens, self.config.model.max_model_len
         lens = [max_len] * (budget // max_len) + ([budget % max_len] if budget % max_len else [])
         blocks_per_seq = blocks_for(max(lens), self.block_size)
-        self.allocate_kv_cache(blocks_per_seq * len(lens))
+        self._allocate(blocks_per_seq * len(lens))
         scheduled = []
         for i, n in enumerate(lens):
             seq = Sequence(-1 - i, Request("profile", None, [0] * n, SamplingParams()), 0, [0] * n, n)
@@ -132,15 +132,21 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
+        """The cache, then (on CUDA) every base-model decode graph over it."""
+        self._allocate(num_blocks)
+        if self.device.type == "cuda" and self.config.enable_cuda_graph:
+            self.graphs = DecodeGraphs(self, self.config.scheduler.max_num_seqs,
+                                       blocks_for(self.config.model.max_model_len, self.block_size))
+            self.graphs.capture_all()
+
+    def _allocate(self, num_blocks: int) -> None:
         """[L, 2, num_blocks + 1, block_size, Hkv, D]; the extra last block is scratch space that
         padded rows of a CUDA graph write to."""
         m = self.config.model
+        self.kv_caches = None  # (the profiling cache goes first)
         self.kv_caches = torch.zeros(m.num_layers, 2, num_blocks + 1, self.block_size, m.num_kv_heads,
                                      m.head_dim, dtype=m.dtype, device=self.device)
         self.scratch_block = num_blocks
-        if self.device.type == "cuda" and self.config.enable_cuda_graph:
-            self.graphs = DecodeGraphs(self, self.config.scheduler.max_num_seqs,
-                                       blocks_for(m.max_model_len, self.block_size))
 
     # -- one step ------------------------------------------------------------------------------
     @torch.inference_mode()
