@@ -15,6 +15,7 @@ from lmq.sampling import SampledTokens, Sampler, SamplerRow, SamplingParams, tok
 from lmq.scheduler import ScheduledBatch, Scheduler
 from lmq.sequence import Request, RequestOutput, Sequence
 from lmq.tokenizer import Detokenizer, Tokenizer
+from lmq.transfer import to_device
 from lora.adapter import LoRAAdapter
 from lora.manager import Adapter, AdapterManager
 
@@ -290,7 +291,7 @@ class LLMEngine:
                 extra_seqs.append(child)
                 extra_rows.append(i)
         if extra_rows:
-            logits = torch.cat([logits, logits[extra_rows]])
+            logits = torch.cat([logits, logits[to_device(extra_rows, logits.device)]])
         return seqs + extra_seqs, logits
 
     def _prompt_logprobs(self, start: int, seq: Sequence, logits: torch.Tensor) -> None:

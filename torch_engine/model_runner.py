@@ -132,7 +132,7 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        """The cache, then (on CUDA) every base-model decode graph over it."""
+        """The cache, then (on CUDA) the decode graphs over it (`DecodeGraphs.capture_all`)."""
         self._allocate(num_blocks)
         if self.device.type == "cuda" and self.config.enable_cuda_graph:
             self.graphs = DecodeGraphs(self, self.config.scheduler.max_num_seqs,
