@@ -201,12 +201,13 @@ class AsyncEngine:
         """`call` for code outside an event loop (tests, threads)."""
         return self._call(method, args).result(timeout)
 
-    def set_debug_hooks(self, step_delay: float = 0.0, fail_steps: int = 0) -> None:
+    def set_debug_hooks(self, step_delay: float = 0.0, fail_steps: int = 0, pause_after: int | None = None) -> None:
         """Test-only (see engine_core.DebugHooks): sleep `step_delay` s before every step; make the
-        next `fail_steps` steps raise. Applies to every request queued after this call."""
+        next `fail_steps` steps raise; hold every request after `pause_after` more steps until the
+        next call. Applies from the engine's next turn, before the requests queued after it."""
         with self._lock:
             self._check_open()
-            self._queue(core.DebugHooks(step_delay, fail_steps))
+            self._queue(core.DebugHooks(step_delay, fail_steps, pause_after))
 
     @property
     def alive(self) -> bool:

@@ -31,6 +31,7 @@ class EngineStats:
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_preemptions: int
+    num_aborted: int  # requests ended by an abort (client gone, shutdown, broken adapter) so far
 
 
 @dataclass
@@ -85,6 +86,7 @@ class LLMEngine:
         self.adapters = None if config.lora is None else \
             AdapterManager(config.lora, config.model, self.runner.load_lora_slot, config.device.startswith("cuda"))
         self._adapter_errors = 0
+        self.num_aborted = 0
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.adapters)
         self.tokenizer = tokenizer
         self.detokenizer = Detokenizer(tokenizer)
@@ -177,11 +179,12 @@ class LLMEngine:
         return req
 
     def _abort(self, req: Request) -> None:
+        if not req.is_finished:
+            self.num_aborted += 1
         req.aborted = True
         for seq in req.seqs:
             if not seq.is_finished:
-                if seq.read_offset < seq.num_tokens:  # text not decoded yet (see `outputs`)
-                    self.detokenizer.step(seq)
+                self._decode_pending(seq)
                 if not seq.is_finished:  # (unless that text completed a stop string)
                     seq.finish("abort")
                 self.scheduler.remove(seq)
@@ -200,7 +203,8 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         bm = self.block_manager
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), bm.num_free_blocks,
-                           bm.num_blocks, bm.prefix_queries, bm.prefix_hits, self.scheduler.num_preemptions)
+                           bm.num_blocks, bm.prefix_queries, bm.prefix_hits, self.scheduler.num_preemptions,
+                           self.num_aborted)
 
     # -- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -251,10 +255,16 @@ class LLMEngine:
         for req in reqs:
             if req.is_finished or req.request_id in self.streaming:
                 for seq in req.seqs:
-                    if not seq.is_finished and seq.read_offset < seq.num_tokens:
-                        self.detokenizer.step(seq)
+                    if not seq.is_finished:
+                        self._decode_pending(seq)
                 outs.append(RequestOutput.from_request(req))
         return outs
+
+    def _decode_pending(self, seq: Sequence) -> None:
+        """Decode tokens the step appended without text: streaming text waits for `outputs`,
+        and a request without stop strings or streaming is decoded whole only when it ends."""
+        if seq.read_offset < seq.num_tokens:
+            self.detokenizer.step(seq)
 
     def abort_broken_adapters(self) -> list[Request]:
         """Requests whose adapter could not be read back from disk end with finish_reason

@@ -63,12 +63,15 @@ class Call:
 
 @dataclass(frozen=True)
 class DebugHooks:
-    """Test-only: sleep `step_delay` seconds before every step (a tiny model is otherwise done
-    before a test can look at it), and make the next `fail_steps` steps raise, which takes the
-    real failure path: the requests in flight fail, the engine keeps serving."""
+    """Test-only: sleep `step_delay` seconds before every step; make the next `fail_steps` steps
+    raise, which takes the real failure path (the requests in flight fail, the engine keeps
+    serving); run only `pause_after` more steps, then hold every request where it is (ops are
+    still applied: aborts, calls) until the hooks change. A tiny model finishes any request
+    before a test can look at it: holding it makes "still running" true by construction."""
 
     step_delay: float = 0.0
     fail_steps: int = 0
+    pause_after: int | None = None  # None: never hold
 
 
 @dataclass(frozen=True)
@@ -145,8 +148,9 @@ class EngineCore:
         self.sent_adds = 0
         self.step_delay = 0.0
         self.fail_steps = 0
+        self.steps_left: int | None = None  # DebugHooks.pause_after: steps until the engine holds
         self.stopping = False
-        self.failed: list[RequestDelta] = []  # deltas of requests failed after the last update
+        self.failed: list[RequestDelta] = []  # deltas of requests failed after the last update was sent
         self.overlap = engine.runner.device.type == "cuda"  # the device runs a step while the host works
 
     def run(self) -> None:
@@ -162,7 +166,7 @@ class EngineCore:
         is nothing to overlap and a step's outputs go out in its own turn, one step sooner."""
         touched: dict[str, Request] = {}  # changed by the last turn, outputs not sent yet
         while True:
-            idle = not (self.engine.has_unfinished() or touched or self.failed)
+            idle = not (self._can_step() or touched or self.failed)
             ops = self._receive(block=idle)
             if ops is None:  # the parent is gone: nobody is left to serve
                 return
@@ -171,19 +175,21 @@ class EngineCore:
             for op in ops:
                 self._apply(op, touched, deltas, results)
             step = None
-            if self.engine.has_unfinished():
+            if self._can_step():
                 touched.update((req.request_id, req) for req in self.engine.abort_broken_adapters())
                 step = self._launch(touched, deltas)
             if step is not None and not self.overlap:
-                touched.update(self._finish(step))
-                step, deltas = None, deltas + self.failed
-                self.failed = []
+                touched.update(self._finish(step, deltas))
+                step = None
             deltas += [self.encoder.encode(out) for out in self.engine.outputs(list(touched.values()))]
             if not self._send(deltas, results):
                 return
-            touched = self._finish(step) if step is not None else {}
+            touched = self._finish(step, self.failed) if step is not None else {}
             if self.stopping and not (self.engine.has_unfinished() or touched or self.failed):
                 return
+
+    def _can_step(self) -> bool:
+        return self.engine.has_unfinished() and self.steps_left != 0
 
     def _send(self, deltas: list[RequestDelta], results: list[CallResult]) -> bool:
         """One update, if anything the parent sees changed; False when the parent is gone."""
@@ -223,7 +229,7 @@ class EngineCore:
         elif isinstance(op, Call):
             results.append(self._call(op))
         elif isinstance(op, DebugHooks):
-            self.step_delay, self.fail_steps = op.step_delay, op.fail_steps
+            self.step_delay, self.fail_steps, self.steps_left = op.step_delay, op.fail_steps, op.pause_after
         elif isinstance(op, Shutdown):
             self.stopping = True
             for rid in list(self.engine.requests):
@@ -245,6 +251,8 @@ class EngineCore:
         """The step, queued on the device; None if it failed (its requests fail with it)."""
         if self.step_delay:
             time.sleep(self.step_delay)
+        if self.steps_left:
+            self.steps_left -= 1
         try:
             if self.fail_steps:
                 self.fail_steps -= 1
@@ -257,13 +265,14 @@ class EngineCore:
             deltas += [failed_delta(rid, portable(e)) for rid in failed]
             return None
 
-    def _finish(self, step: StepInFlight) -> dict[str, Request]:
-        """The requests the step changed. If it fails, they and the rest in flight fail; their
-        deltas go out with the next turn's."""
+    def _finish(self, step: StepInFlight, failed: list[RequestDelta]) -> dict[str, Request]:
+        """The requests the step changed. If it fails, they and the rest in flight fail, with
+        their deltas added to `failed`."""
         try:
-            return {req.request_id: req for req in self.engine.finish_step(step)}
+            self.engine.finish_step(step)
+            return step.touched
         except Exception as e:
-            self.failed += [failed_delta(rid, portable(e)) for rid in self._fail_in_flight(e, list(step.touched))]
+            failed += [failed_delta(rid, portable(e)) for rid in self._fail_in_flight(e, list(step.touched))]
             return {}
 
     def _fail_in_flight(self, error: Exception, also: list[str]) -> list[str]:
@@ -272,7 +281,7 @@ class EngineCore:
         log.error("lmq: engine step failed; failing the requests in flight", exc_info=error)
         rids = list(dict.fromkeys(list(self.engine.requests) + also))
         for rid in rids:
-            self.engine.abort(rid)
+            self.engine.abort_request(rid)
             self.encoder.forget(rid)
         return rids
 

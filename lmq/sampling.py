@@ -207,15 +207,15 @@ class SampledTokens:
     """A step's sampling, queued on the device: `result()` waits for it and reads it back."""
 
     tokens: torch.Tensor  # [B] int64 on the logits' device
-    logprobs_of: torch.Tensor | None  # [Bw, V] float32 logits of the rows that want logprobs
-    want: list[int]  # those rows
+    want: list[int]  # the rows that want logprobs
+    logprobs_of: torch.Tensor | None  # [Bw, V] float32 logits of those rows
+    chosen: torch.Tensor | None  # [Bw] their tokens
     ks: list[int]  # their top-k alternatives
 
     def result(self) -> SamplerOutput:
         logprobs: list[dict[int, Logprob] | None] = [None] * self.tokens.shape[0]
         if self.want:
-            chosen = self.tokens[to_device(self.want, self.tokens.device)]
-            for i, entry in zip(self.want, token_logprobs(self.logprobs_of.log_softmax(-1), chosen, self.ks)):
+            for i, entry in zip(self.want, token_logprobs(self.logprobs_of.log_softmax(-1), self.chosen, self.ks)):
                 logprobs[i] = entry
         return SamplerOutput(token_ids=self.tokens.tolist(), logprobs=logprobs)
 
@@ -240,6 +240,8 @@ class Sampler:
             sub = _mask_top_k_top_p_min_p(logits[index] / temps, sub_rows)
             tokens[index] = _random_sample(sub, sub_rows)
         want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        if not want:
+            return SampledTokens(tokens, want, None, None, [])
+        index = to_device(want, raw.device)
         # Logprobs are of the model's distribution (before penalties), like vLLM's default.
-        logprobs_of = raw[to_device(want, raw.device)] if want else None
-        return SampledTokens(tokens, logprobs_of, want, [rows[i].params.logprobs for i in want])
+        return SampledTokens(tokens, want, raw[index], tokens[index], [rows[i].params.logprobs for i in want])

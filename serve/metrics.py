@@ -29,6 +29,7 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily("lmq_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / looked up",
                                 value=s.prefix_cache_hits / max(s.prefix_cache_queries, 1))
         yield GaugeMetricFamily("lmq_num_preemptions", "Preemptions so far", value=s.num_preemptions)
+        yield GaugeMetricFamily("lmq_num_aborted_requests", "Requests aborted so far", value=s.num_aborted)
 
 
 class Metrics:

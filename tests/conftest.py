@@ -3,8 +3,10 @@ built fresh per test session, and helpers comparing lmq with transformers."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -42,6 +44,20 @@ ARCHS = {
 
 def pytest_report_header() -> str:
     return f"lmq test seed: LMQ_TEST_SEED={SEED}"
+
+
+@pytest.hookimpl(trylast=True)  # after `-m` has deselected what it does not select
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """GPU tests without CUDA: a run of nothing else (`pytest -m gpu`) is an error that says
+    nothing could run, not a green run of skips; in a mixed run they are skipped."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu or torch.cuda.is_available():
+        return
+    if len(gpu) == len(items):
+        raise pytest.UsageError(f"no CUDA device here: none of the {len(gpu)} GPU tests selected can run "
+                                "(run `pytest -m gpu` on a machine with a GPU)")
+    for item in gpu:
+        item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
 
 
 def make_tokenizer(folder: Path) -> None:
@@ -126,3 +142,26 @@ def plain_piece(text: str, width: int) -> str | None:
         if all(c.isascii() and c.isprintable() and not c.isspace() for c in piece):
             return piece
     return None
+
+
+def wait_for(condition, what: str, timeout: float = 30.0) -> None:
+    """Poll `condition` until it holds: waits on the event itself, with a bounded deadline that
+    only a broken engine reaches (not a slow machine)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true after {timeout}s: {what}")
+        time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def held_after(engine, steps: int):
+    """An AsyncEngine that runs `steps` more steps, then holds every request where it is until
+    the block ends (aborts and calls still apply): "still running" is true by construction, on
+    any machine, where a tiny model would otherwise finish before the test looks."""
+    engine.set_debug_hooks(pause_after=steps)
+    try:
+        yield engine
+    finally:
+        if engine.alive:
+            engine.set_debug_hooks()

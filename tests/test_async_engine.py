@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import pytest
 
-from conftest import PROMPTS, plain_piece, random_prompts
+from conftest import PROMPTS, held_after, plain_piece, random_prompts, wait_for
 from lmq import LLM, SamplingParams
 from lmq.async_engine import AsyncEngine, EngineDeadError
 from lmq.deltas import DeltaEncoder, OutputAssembler
@@ -157,21 +157,18 @@ def test_validation_and_queue_checks_are_synchronous(engine):
             engine.add_request("v0", [5] * 510, SamplingParams(max_tokens=10))
         with pytest.raises(ValueError, match="out of range"):
             engine.add_request("v1", [5, 10**6], SamplingParams())
-        engine.set_debug_hooks(step_delay=0.02)
-        try:
+        before = engine.stats().num_aborted
+        with held_after(engine, 2):
             s = engine.add_request("v2", [5, 6], SamplingParams(max_tokens=50, ignore_eos=True))
             with pytest.raises(ValueError, match="already in use"):
                 engine.add_request("v2", [5, 6], SamplingParams())
             async for out in s:
                 assert not out.finished
                 break  # leaving the stream aborts the request
-        finally:
-            engine.set_debug_hooks()
+            await asyncio.to_thread(wait_for, lambda: engine.stats().num_aborted == before + 1, "the abort")
 
     asyncio.run(run())
-    deadline = time.monotonic() + 10
-    while engine.stats().num_running and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_for(lambda: engine.stats().num_running == 0, "the aborted request leaves")
     s = engine.stats()
     assert s.num_running == 0 and s.num_free_blocks == s.num_blocks
 
@@ -191,14 +188,17 @@ def test_start_up_error_is_raised_in_the_caller(tiny_models):
 
 def test_engine_process_death_fails_streams_calls_and_new_requests(tiny_models):
     eng = AsyncEngine(_config(tiny_models["llama"]))
-    eng.set_debug_hooks(step_delay=0.02)
+    eng.set_debug_hooks(pause_after=2)  # d0 is still running when it is killed
 
     async def run() -> None:
         stream = eng.add_request("d0", [5, 6, 7], SamplingParams(max_tokens=400, ignore_eos=True))
         with pytest.raises(EngineDeadError):
+            killed = False
             async for out in stream:
-                if len(out.outputs[0].token_ids) == 1:  # running: kill it
+                assert not out.finished
+                if not killed:  # running (and held): kill it
                     os.kill(eng.process.pid, signal.SIGKILL)
+                    killed = True
         with pytest.raises(EngineDeadError):
             eng.add_request("d1", [5], SamplingParams())
         with pytest.raises(EngineDeadError):
@@ -217,7 +217,7 @@ def test_engine_process_death_fails_streams_calls_and_new_requests(tiny_models):
 
 def test_shutdown_aborts_running_streams_and_the_process_exits(tiny_models):
     eng = AsyncEngine(_config(tiny_models["llama"]))
-    eng.set_debug_hooks(step_delay=0.02)
+    eng.set_debug_hooks(pause_after=2)  # s0 is still running when the shutdown comes
 
     async def run() -> RequestOutput:
         stream = eng.add_request("s0", [5, 6, 7], SamplingParams(max_tokens=400, ignore_eos=True))

@@ -250,8 +250,8 @@ def test_preemption_by_recompute():
 
 
 def test_fork_respects_max_num_seqs():
-    # BUG: admission reserves n slots only for the request being admitted, not for running
-    # requests that will still fork, so a later admission overshoots max_num_seqs.
+    # Admission reserves the slots of running requests that will still fork, not only of the one
+    # admitted: a later admission must not overshoot max_num_seqs.
     sim = Sim(num_blocks=16, block_size=4, max_num_seqs=2)
     sim.add(toks(6, 0), n=2)
     sim.add(toks(6, 100), n=1)
@@ -260,8 +260,8 @@ def test_fork_respects_max_num_seqs():
 
 
 def test_num_cached_tokens_counts_prompt_only():
-    # BUG: re-admission after preemption overwrites num_cached_tokens with the recompute's hits,
-    # which include output tokens (here 4 > a 2-token prompt).
+    # Re-admission after preemption must not count the recompute's hits on output tokens as
+    # cached prompt tokens (here 4 would exceed a 2-token prompt).
     sim = Sim(num_blocks=4, block_size=4, max_num_seqs=2)
     a, b = sim.add(toks(2, 0), max_tokens=14), sim.add(toks(2, 100), max_tokens=14)
     while not sim.step().preempted:

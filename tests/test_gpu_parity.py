@@ -19,8 +19,7 @@ import torch
 from conftest import ARCHS, random_prompts
 from lmq import LLM, SamplingParams
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = pytest.mark.gpu  # without CUDA, conftest refuses a run of only these, else skips them
 
 TIE_GAP = 0.125  # logits; one bf16 ulp at magnitude 16-32 is 0.125
 LOGPROB_ATOL = 0.1
@@ -45,7 +44,8 @@ def _hf_greedy_with_gaps(folder, prompts: list[list[int]]) -> list[tuple[list[in
 
 def _assert_greedy_parity(ours: list[list[int]], ref: list[tuple[list[int], list[float]]],
                           tie_gap: float = TIE_GAP) -> None:
-    for i, (toks, (ref_toks, gaps)) in enumerate(zip(ours, ref)):
+    for i, (toks, (ref_toks, gaps)) in enumerate(zip(ours, ref, strict=True)):
+        assert len(toks) == len(ref_toks), f"prompt {i}: lmq gave {len(toks)} tokens, reference {len(ref_toks)}"
         for step, (a, b) in enumerate(zip(toks, ref_toks)):
             if a != b:
                 assert gaps[step] < tie_gap, (f"prompt {i} step {step}: lmq {a} != reference {b} "
@@ -74,11 +74,14 @@ def test_bf16_greedy_matches_transformers(tiny_models, arch):
 def test_cuda_graph_decode_equals_eager(tiny_models):
     prompts = random_prompts(20, LENGTHS, seed=200)
     params = SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True, logprobs=2)
-    graph = _llm(tiny_models["llama"]).generate(prompts, params)
-    eager = _llm(tiny_models["llama"], enable_cuda_graph=False).generate(prompts, params)
-    for g, e in zip(graph, eager):
+    graph_llm, eager_llm = _llm(tiny_models["llama"]), _llm(tiny_models["llama"], enable_cuda_graph=False)
+    graph, eager = graph_llm.generate(prompts, params), eager_llm.generate(prompts, params)
+    # Every step after the prefills is decode-only: graphs served them, and none exist eagerly.
+    assert graph_llm.engine.runner.graphs.replays >= NEW - 1 and eager_llm.engine.runner.graphs is None
+    for g, e in zip(graph, eager, strict=True):
+        assert len(g.outputs[0].token_ids) == NEW
         assert g.outputs[0].token_ids == e.outputs[0].token_ids
-        for lg, le in zip(g.outputs[0].logprobs, e.outputs[0].logprobs):
+        for lg, le in zip(g.outputs[0].logprobs, e.outputs[0].logprobs, strict=True):
             t = next(iter(le))
             assert abs(lg[t].logprob - le[t].logprob) < 1e-2
 
@@ -91,7 +94,7 @@ def test_bf16_prompt_logprobs(tiny_models):
     outs = _llm(folder).generate(prompts, SamplingParams(max_tokens=1, prompt_logprobs=1))
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).cuda().eval()
     worst = 0.0
-    for p, out in zip(prompts, outs):
+    for p, out in zip(prompts, outs, strict=True):
         with torch.no_grad():
             ref = hf(torch.tensor([p], device="cuda")).logits[0].float().log_softmax(-1)
         for i in range(1, len(p)):

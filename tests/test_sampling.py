@@ -105,7 +105,7 @@ def test_samples_follow_filtered_softmax(temp, top_k, top_p, min_p, seeded):
 
 def test_top_p_applies_to_mass_renormalized_after_top_k():
     # probs 0.32, 0.28, 4 x 0.10. vLLM and HF: top_k=2 leaves 0.53 / 0.47, so top_p=0.5 keeps only
-    # token 0. BUG: lmq measures top_p against the unfiltered mass (0.32 < 0.5) and keeps both.
+    # token 0 (measured against the unfiltered mass, 0.32 < 0.5, both would stay).
     row = torch.tensor([0.32, 0.28, 0.1, 0.1, 0.1, 0.1]).log()
     assert _reference(row, top_k=2, top_p=0.5).nonzero().flatten().tolist() == [0]
     assert set(_sample(row.expand(2000, -1), SamplingParams(top_k=2, top_p=0.5))) == {0}
@@ -249,7 +249,7 @@ def test_stop_token_ids_and_eos(llm):
     assert eos.token_ids == ref[:i + 1] and (eos.finish_reason, eos.stop_reason) == ("stop", None)
     ignored = llm.generate(prompt, GREEDY)[0].outputs[0]
     assert ignored.token_ids == ref and ignored.finish_reason == "length"
-    # vLLM leaves a stop token's text out unless include_stop_str_in_output. BUG: lmq always keeps it.
+    # As in vLLM, a stop token's text is left out unless include_stop_str_in_output.
     texts = [llm.generate(prompt, replace(GREEDY, max_tokens=m))[0].outputs[0].text for m in (i, i + 1)]
     kept = llm.generate(prompt, replace(GREEDY, stop_token_ids=(ref[i],), include_stop_str_in_output=True))
     assert kept[0].outputs[0].text == texts[1]

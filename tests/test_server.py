@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import PROMPTS, plain_piece, random_prompts
+from conftest import PROMPTS, held_after, plain_piece, random_prompts, wait_for
 from lmq import LLM, SamplingParams
 from lmq.llm import build_engine_config
 from serve.server import BackgroundServer, make_app
@@ -200,28 +200,26 @@ def test_non_json_body_and_unknown_model_and_context_length(server):
 
 def test_api_keys_and_queue_full(tiny_models):
     srv = _start(tiny_models["llama"], api_keys=(KEY,), max_queue_len=1, max_num_seqs=1)
-    # A tiny model is too quick to keep a request running while the test looks.
-    _engine(srv).set_debug_hooks(step_delay=0.02)
     try:
-        body = {"model": MODEL, "prompt": "The quick brown", "max_tokens": 400, "ignore_eos": True, "stream": True}
+        body = {"model": MODEL, "prompt": "The quick brown", "max_tokens": 400, "ignore_eos": True, "stream": True,
+            "logprobs": 0}  # logprobs: a chunk for every token, also one that decodes to no text yet
         _assert_error(_post(srv, "/v1/completions", body), 401, "API key")
         _assert_error(_post(srv, "/v1/models", None, headers={"Authorization": "Bearer wrong"}), 401)
         assert httpx.get(srv.url + "/health").status_code == 200 and httpx.get(srv.url + "/metrics").status_code == 200
         auth = {"Authorization": f"Bearer {KEY}"}
         assert httpx.get(srv.url + "/v1/models", headers=auth).status_code == 200
-        with httpx.stream("POST", srv.url + "/v1/completions", json=body, headers=auth, timeout=60) as running:
+        with held_after(_engine(srv), 2), \
+                httpx.stream("POST", srv.url + "/v1/completions", json=body, headers=auth, timeout=60) as running:
             lines = running.iter_lines()  # kept alive: dropping the iterator closes the stream
-            next(lines)  # running: holds the only sequence slot
+            next(lines)  # running, and held there: it keeps the only sequence slot
             waiting = threading.Thread(target=_post, args=(srv, "/v1/completions", {**body, "stream": False}),
                                        kwargs={"headers": auth})
             waiting.start()
-            deadline = time.monotonic() + 10
-            while _engine(srv).stats().num_waiting < 1 and time.monotonic() < deadline:
-                time.sleep(0.02)
+            wait_for(lambda: _engine(srv).stats().num_waiting == 1, "the second request waits in the queue")
             full = _post(srv, "/v1/completions", body, headers=auth)
             err = _assert_error(full, 429, "queue is full", "max_queue_len=1")
             assert full.headers["Retry-After"] == "1" and err["type"] == "rate_limit_error"
-        srv.stop()  # aborts the waiting request: its client gets an answer, nothing hangs
+            srv.stop()  # aborts the waiting request: its client gets an answer, nothing hangs
         waiting.join(30)
         assert not waiting.is_alive()
     finally:
@@ -229,20 +227,38 @@ def test_api_keys_and_queue_full(tiny_models):
 
 
 # -- disconnects and load ----------------------------------------------------------------------
+def _assert_aborted_and_freed(server, aborted_before: int) -> None:
+    """The request was aborted and its blocks are back, while the engine still holds it: it
+    cannot have finished on its own."""
+    engine = _engine(server)
+    wait_for(lambda: engine.stats().num_aborted == aborted_before + 1, "the server aborts the request")
+    s = engine.stats()
+    assert s.num_running == 0 and s.num_waiting == 0 and s.num_free_blocks == s.num_blocks, s
+    engine.call_blocking("block_manager.check_integrity", timeout=10)
+
+
 def test_disconnect_mid_stream_frees_blocks(server):
-    body = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 400, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as resp:
-        lines = resp.iter_lines()
-        for _ in range(3):
-            next(lines)
-        assert _engine(server).stats().num_running == 1
+    body = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 400, "ignore_eos": True, "stream": True,
+            "logprobs": 0}  # logprobs: a chunk for every token, also one that decodes to no text yet
+    before = _engine(server).stats().num_aborted
+    with held_after(_engine(server), 3):
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as resp:
+            next(resp.iter_lines())
+            assert _engine(server).stats().num_running == 1
+        _assert_aborted_and_freed(server, before)
     _wait_idle(server)
 
 
 def test_disconnect_while_waiting_for_a_whole_response_frees_blocks(server):
-    body = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 450, "ignore_eos": True}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.url + "/v1/completions", json=body, timeout=0.5)
+    body = json.dumps({"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 450, "ignore_eos": True})
+    host, port = server.url.removeprefix("http://").split(":")
+    before = _engine(server).stats().num_aborted
+    with held_after(_engine(server), 3):
+        with socket.create_connection((host, int(port)), timeout=30) as conn:
+            conn.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+            wait_for(lambda: _engine(server).stats().num_running == 1, "the request runs, then is held")
+        _assert_aborted_and_freed(server, before)  # the client hung up without reading a byte
     _wait_idle(server)
 
 
@@ -270,12 +286,26 @@ def test_100_concurrent_streams_match_offline_greedy(server, offline):
     _wait_idle(server)
 
 
+# `lmq serve` whose engine holds every request after 4 steps: the stream is still running when
+# the signal comes, on any machine.
+HELD_SERVE = """
+import sys
+from lmq import async_engine, cli
+init = async_engine.AsyncEngine.__init__
+def held(self, *args, **kwargs):
+    init(self, *args, **kwargs)
+    self.set_debug_hooks(pause_after=4)
+async_engine.AsyncEngine.__init__ = held
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_lmq_serve_prints_url_and_aborts_streams_on_signal(tiny_models, sig):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "lmq.cli", "serve", str(tiny_models["llama"]), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-c", HELD_SERVE, "serve", str(tiny_models["llama"]), "--port", str(port),
                              "--device", "cpu", "--served-model-name", MODEL, "--kv-cache-gb", "0.05"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -289,7 +319,8 @@ def test_lmq_serve_prints_url_and_aborts_streams_on_signal(tiny_models, sig):
                     break
             except httpx.HTTPError:
                 time.sleep(0.1)
-        body = {"model": MODEL, "prompt": "The quick", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+        body = {"model": MODEL, "prompt": "The quick", "max_tokens": 1000, "ignore_eos": True, "stream": True,
+            "logprobs": 0}  # logprobs: a chunk for every token, also one that decodes to no text yet
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as resp:
             lines = resp.iter_lines()
             next(lines)
@@ -318,9 +349,9 @@ def test_engine_process_death_is_503_and_unhealthy(tiny_models):
     srv = _start(tiny_models["llama"])
     try:
         engine = _engine(srv)
-        engine.set_debug_hooks(step_delay=0.02)
-        body = {"model": MODEL, "prompt": "The quick", "max_tokens": 400, "ignore_eos": True, "stream": True}
-        with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=30) as resp:
+        body = {"model": MODEL, "prompt": "The quick", "max_tokens": 400, "ignore_eos": True, "stream": True,
+            "logprobs": 0}  # logprobs: a chunk for every token, also one that decodes to no text yet
+        with held_after(engine, 2), httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=30) as resp:
             lines = resp.iter_lines()
             next(lines)
             engine.process.kill()

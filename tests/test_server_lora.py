@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import random_prompts
+from conftest import held_after, random_prompts
 from lmq import LLM, SamplingParams
 from lmq.llm import build_engine_config
 from serve.server import BackgroundServer, make_app
@@ -93,16 +93,22 @@ def test_runtime_load_then_unload(server, client, offline):
 
 
 def test_unload_lets_running_stream_finish(server, client, lora_dir):
+    engine = server.app.state.router.base.engine
     assert _post(server, "/v1/load_lora_adapter", {"lora_name": "tmp", "lora_path": "qv4"}).status_code == 200
-    stream = client.completions.create(model="tmp", prompt="The quick brown", max_tokens=200, stream=True,
-                                       temperature=0, extra_body={"ignore_eos": True})
-    first = next(iter(stream))
-    assert first.choices[0].finish_reason is None
-    assert _post(server, "/v1/unload_lora_adapter", {"lora_name": "tmp"}).status_code == 200
-    finish = [c.choices[0].finish_reason for c in stream if c.choices and c.choices[0].finish_reason]
+    with held_after(engine, 3):  # the stream is still running when the unload comes
+        stream = client.completions.create(model="tmp", prompt="The quick brown", max_tokens=200, stream=True,
+                                           temperature=0, logprobs=0, extra_body={"ignore_eos": True})
+        chunks = iter(stream)
+        first = next(chunks)
+        assert first.choices[0].finish_reason is None
+        assert _post(server, "/v1/unload_lora_adapter", {"lora_name": "tmp"}).status_code == 200
+        assert engine.stats().num_running == 1
+        with pytest.raises(openai.NotFoundError):  # gone for new requests at once
+            client.completions.create(model="tmp", prompt="x", max_tokens=1)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finish == ["length"]
-    with pytest.raises(openai.NotFoundError):
-        client.completions.create(model="tmp", prompt="x", max_tokens=1)
+    s = engine.stats()
+    assert s.num_aborted == 0 and s.num_free_blocks == s.num_blocks
 
 
 @pytest.mark.parametrize("body,status,message", [

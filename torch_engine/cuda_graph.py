@@ -63,18 +63,13 @@ class DecodeGraphs:
         self.logits = torch.empty(mb, runner.config.model.vocab_size, dtype=torch.float32, device=dev)  # [mb, V]
         self.graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}
         self.pool = None
+        self.replays = 0  # decode steps served by a graph (tests check that graphs ran at all)
 
     def capture_all(self) -> None:
         """Capture the base-model buckets within PRECAPTURE_GATHER_BYTES now. The static
         inputs point at the scratch block, so the warm-up forward passes write no K/V that a
         sequence owns."""
-        scratch = self.runner.scratch_block
-        self.token_ids.zero_()
-        self.positions.zero_()
-        self.slots.fill_(scratch * self.runner.block_size)
-        self.context_lens.fill_(1)
-        self.block_tables.fill_(scratch)
-        self.lora_slots.fill_(-1)
+        self._pad_rows(slice(None))
         m = self.runner.config.model
         block_bytes = m.kv_bytes_per_token // m.num_layers * self.runner.block_size  # K and V, one layer
         keys = [(bp, nbp, 0) for bp in reversed(self.batch_buckets) for nbp in reversed(self.block_buckets)
@@ -98,22 +93,27 @@ class DecodeGraphs:
         self.context_lens[:b].copy_(meta.decode_context_lens)
         self.block_tables[:b, :nb].copy_(meta.decode_block_tables)
         self.block_tables[:b, nb:nbp].fill_(scratch)
-        # Padded rows: position 0 in the scratch block, attending to that one slot.
-        self.token_ids[b:bp].zero_()
-        self.positions[b:bp].zero_()
-        self.slots[b:bp].fill_(scratch * self.runner.block_size)
-        self.context_lens[b:bp].fill_(1)
-        self.block_tables[b:bp, :nbp].fill_(scratch)
+        self._pad_rows(slice(b, bp))
         rank = 0
         if inp.lora is not None:
             rank = inp.lora.rank
             self.lora_slots[:b].copy_(inp.lora_slots)
-            self.lora_slots[b:bp].fill_(-1)
         key = (bp, nbp, rank)
         if key not in self.graphs:
             self.graphs[key] = self._capture(bp, nbp, rank)
         self.graphs[key].replay()
+        self.replays += 1
         return self.logits[:b]
+
+    def _pad_rows(self, rows: slice) -> None:
+        """Padded rows: position 0 in the scratch block, attending to that one slot, base model."""
+        scratch = self.runner.scratch_block
+        self.token_ids[rows].zero_()
+        self.positions[rows].zero_()
+        self.slots[rows].fill_(scratch * self.runner.block_size)
+        self.context_lens[rows].fill_(1)
+        self.block_tables[rows].fill_(scratch)
+        self.lora_slots[rows].fill_(-1)
 
     def _forward(self, bp: int, nbp: int, rank: int) -> torch.Tensor:
         empty = self.token_ids.new_zeros(0)

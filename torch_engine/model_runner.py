@@ -244,7 +244,7 @@ class ModelRunner:
     def _to_device(self, arrays: list[tuple[list[int], tuple[int, ...]]]) -> list[torch.Tensor]:
         """Flat int lists with their shapes -> int64 tensors on the device, in one copy."""
         flat = [x for a, _ in arrays for x in a]
-        packed = torch.tensor(flat, dtype=torch.int64).to(self.device, non_blocking=True)
+        packed = to_device(flat, self.device)
         out, k = [], 0
         for a, shape in arrays:
             out.append(packed[k:k + len(a)].view(shape))
