@@ -31,7 +31,7 @@ class EngineStats:
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_preemptions: int
-    num_aborted: int  # requests ended by an abort (client gone, shutdown, broken adapter) so far
+    num_aborted: int  # requests ended by an abort (client gone, shutdown, broken adapter, failed step) so far
 
 
 @dataclass

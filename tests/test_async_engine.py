@@ -206,9 +206,7 @@ def test_engine_process_death_fails_streams_calls_and_new_requests(tiny_models):
 
     asyncio.run(run())
     assert not eng.alive
-    deadline = time.monotonic() + 10
-    while eng.process.exitcode is None and time.monotonic() < deadline:  # reaped: no zombie
-        time.sleep(0.05)
+    wait_for(lambda: eng.process.exitcode is not None, "the killed process is reaped (no zombie)", 10)
     assert eng.process.exitcode == -signal.SIGKILL
     t = time.monotonic()
     eng.shutdown()

@@ -55,14 +55,12 @@ def _engine(server):
 
 def _wait_idle(server, timeout: float = 10.0) -> None:
     """All KV blocks back in the pool and nothing running."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def idle() -> bool:
         s = _engine(server).stats()
-        if s.num_free_blocks == s.num_blocks and s.num_running == 0 and s.num_waiting == 0:
-            _engine(server).call_blocking("block_manager.check_integrity", timeout=10)
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"engine not idle after {timeout}s: {_engine(server).stats()}")
+        return s.num_free_blocks == s.num_blocks and s.num_running == 0 and s.num_waiting == 0
+
+    wait_for(idle, "engine idle: every KV block free, nothing running or waiting", timeout)
+    _engine(server).call_blocking("block_manager.check_integrity", timeout=10)
 
 
 def _ids(logprobs_tokens: list[str]) -> list[int]:
@@ -70,6 +68,9 @@ def _ids(logprobs_tokens: list[str]) -> list[int]:
 
 
 CHAT = [{"role": "user", "content": "The quick brown fox"}]
+# A stream with a chunk for every token, also one that decodes to no text yet: a test that reads
+# one chunk from a held engine gets it.
+EVERY_TOKEN = {"stream": True, "logprobs": 0}
 
 
 # -- endpoints ---------------------------------------------------------------------------------
@@ -201,8 +202,7 @@ def test_non_json_body_and_unknown_model_and_context_length(server):
 def test_api_keys_and_queue_full(tiny_models):
     srv = _start(tiny_models["llama"], api_keys=(KEY,), max_queue_len=1, max_num_seqs=1)
     try:
-        body = {"model": MODEL, "prompt": "The quick brown", "max_tokens": 400, "ignore_eos": True, "stream": True,
-            "logprobs": 0}  # logprobs: a chunk for every token, also one that decodes to no text yet
+        body = {"model": MODEL, "prompt": "The quick brown", "max_tokens": 400, "ignore_eos": True, **EVERY_TOKEN}
         _assert_error(_post(srv, "/v1/completions", body), 401, "API key")
         _assert_error(_post(srv, "/v1/models", None, headers={"Authorization": "Bearer wrong"}), 401)
         assert httpx.get(srv.url + "/health").status_code == 200 and httpx.get(srv.url + "/metrics").status_code == 200
@@ -238,8 +238,7 @@ def _assert_aborted_and_freed(server, aborted_before: int) -> None:
 
 
 def test_disconnect_mid_stream_frees_blocks(server):
-    body = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 400, "ignore_eos": True, "stream": True,
-            "logprobs": 0}  # logprobs: a chunk for every token, also one that decodes to no text yet
+    body = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 400, "ignore_eos": True, **EVERY_TOKEN}
     before = _engine(server).stats().num_aborted
     with held_after(_engine(server), 3):
         with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as resp:
@@ -319,8 +318,7 @@ def test_lmq_serve_prints_url_and_aborts_streams_on_signal(tiny_models, sig):
                     break
             except httpx.HTTPError:
                 time.sleep(0.1)
-        body = {"model": MODEL, "prompt": "The quick", "max_tokens": 1000, "ignore_eos": True, "stream": True,
-            "logprobs": 0}  # logprobs: a chunk for every token, also one that decodes to no text yet
+        body = {"model": MODEL, "prompt": "The quick", "max_tokens": 1000, "ignore_eos": True, **EVERY_TOKEN}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as resp:
             lines = resp.iter_lines()
             next(lines)
@@ -349,8 +347,7 @@ def test_engine_process_death_is_503_and_unhealthy(tiny_models):
     srv = _start(tiny_models["llama"])
     try:
         engine = _engine(srv)
-        body = {"model": MODEL, "prompt": "The quick", "max_tokens": 400, "ignore_eos": True, "stream": True,
-            "logprobs": 0}  # logprobs: a chunk for every token, also one that decodes to no text yet
+        body = {"model": MODEL, "prompt": "The quick", "max_tokens": 400, "ignore_eos": True, **EVERY_TOKEN}
         with held_after(engine, 2), httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=30) as resp:
             lines = resp.iter_lines()
             next(lines)
