@@ -2,11 +2,12 @@
 
     python bench/sdpa_shapes.py
 
-torch_engine's prefill attention call (bool mask, GQA through `enable_gqa`) on shapes seen
-for the first time, as a server's steps produce them while requests come and go, then the
-same shapes again: with every backend allowed (PyTorch's choice) and with cuDNN left out.
-A backend that builds a plan per shape pays it on the host inside the step (BENCHMARKS.md,
-"Server under load", run E).
+A prefill attention call (bool mask, grouped KV heads) on shapes seen for the first time, as a
+server's steps produce them while requests come and go, then the same shapes again: with every
+backend allowed (PyTorch's choice) and with cuDNN left out, GQA through `enable_gqa`; then
+torch_engine's call (ops.CUDA_SDPA_BACKENDS, K/V repeated per query head) with only the
+memory-efficient kernel allowed. A backend that builds a plan per shape pays it on the host
+inside the step (BENCHMARKS.md, "Server under load", run E).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
-def call(max_q: int, num_blocks: int, heads: int, kv_heads: int, head_dim: int, block_size: int = 16) -> float:
+def call(max_q: int, num_blocks: int, heads: int, kv_heads: int, head_dim: int, gqa: bool = True,
+         block_size: int = 16) -> float:
     """One prefill-shaped call on fresh random inputs; milliseconds, host and device."""
     keys = num_blocks * block_size
     q = torch.randn(1, heads, max_q, head_dim, device="cuda", dtype=torch.bfloat16)
@@ -31,7 +33,9 @@ def call(max_q: int, num_blocks: int, heads: int, kv_heads: int, head_dim: int, 
     mask = (torch.arange(keys, device="cuda")[None, None, :] <= qpos)[:, None]  # [1, 1, max_q, keys]
     torch.cuda.synchronize()
     t = time.perf_counter()
-    F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=head_dim ** -0.5, enable_gqa=True)
+    if not gqa:  # torch_engine's CUDA path: the efficient kernel has no enable_gqa with a mask
+        k, v = k.repeat_interleave(heads // kv_heads, dim=1), v.repeat_interleave(heads // kv_heads, dim=1)
+    F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=head_dim ** -0.5, enable_gqa=gqa)
     torch.cuda.synchronize()
     return (time.perf_counter() - t) * 1e3
 
@@ -47,16 +51,18 @@ def main() -> None:
     no_cudnn = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     print(f"torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, {torch.cuda.get_device_name()}")
     start = 40
-    for name, ctx in (("all backends", contextlib.nullcontext), ("without cuDNN", lambda: sdpa_kernel(no_cudnn))):
+    variants = (("all backends", contextlib.nullcontext, True),
+                ("without cuDNN", lambda: sdpa_kernel(no_cudnn), True),
+                ("efficient only, K/V repeated", lambda: sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]), False))
+    for name, ctx, gqa in variants:
         with ctx():
-            call(8, 1, *dims)  # module load, handles
+            call(8, 1, *dims, gqa)  # module load, handles
             shapes = [(start + i, (start + i) // 16 + 1) for i in range(args.shapes)]
-            first = [call(q, nb, *dims) for q, nb in shapes]
-            again = [call(q, nb, *dims) for q, nb in shapes]
+            first = [call(q, nb, *dims, gqa) for q, nb in shapes]
+            again = [call(q, nb, *dims, gqa) for q, nb in shapes]
         start += args.shapes + 8  # the next set sees shapes new to it too
-        print(f"{name:>14}: first-seen shape median {statistics.median(first):7.2f} ms (max {max(first):.2f}), "
+        print(f"{name:>28}: first-seen shape median {statistics.median(first):7.2f} ms (max {max(first):.2f}), "
               f"seen before {statistics.median(again):.2f} ms")
-
 
 if __name__ == "__main__":
     main()

@@ -8,6 +8,7 @@ first, then prefill chunks padded to the longest one, block tables padded with a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -322,7 +323,8 @@ def _layout(g: torch.Generator, shape: list[tuple[int, int]], block_size: int) -
 
 
 def _run(shape: list[tuple[int, int]], *, block_size: int, h: int, hkv: int, d: int, window: int | None,
-         dtype: torch.dtype, seed: int) -> None:
+         dtype: torch.dtype, seed: int, device: str = "cpu") -> None:
+    """Inputs drawn on the CPU, `ops.attention` run on `device`, compared on the CPU."""
     g = _gen(seed)
     seqs, num_blocks = _layout(g, shape, block_size)
     # The whole cache starts as random garbage: a position read that the masks should hide shows.
@@ -339,9 +341,13 @@ def _run(shape: list[tuple[int, int]], *, block_size: int, h: int, hkv: int, d: 
             k_written[s.blocks[p // block_size], p % block_size] = k[off + i]
             v_written[s.blocks[p // block_size], p % block_size] = v[off + i]
         off += s.n
+    if device != "cpu":
+        meta = dataclasses.replace(meta, **{f.name: getattr(meta, f.name).to(device)
+                                            for f in dataclasses.fields(meta) if f.type == "torch.Tensor"})
+        q, k, v, k_cache, v_cache = (x.to(device) for x in (q, k, v, k_cache, v_cache))
     out = ops.attention(q, k, v, k_cache, v_cache, meta, scale, window)  # [T, H, D]
-    _close(out, expected, dtype)
-    assert torch.equal(k_cache, k_written) and torch.equal(v_cache, v_written)
+    _close(out.cpu(), expected, dtype)
+    assert torch.equal(k_cache.cpu(), k_written) and torch.equal(v_cache.cpu(), v_written)
 
 
 # (start, n) per sequence: decodes at contexts 1, a block boundary, several blocks; a fresh prompt;

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from lmq.attention import AttentionMetadata
 from lora.ops import LoRAMetadata
+from torch_engine.ops import attention_backends
 
 if TYPE_CHECKING:
     from torch_engine.model_runner import ModelInput, ModelRunner
@@ -129,7 +130,8 @@ class DecodeGraphs:
         )
         lora = LoRAMetadata(rank, self.runner.lora_onehot(self.lora_slots[:bp])) if rank else None
         model = self.runner.model
-        hidden = model(self.token_ids[:bp], self.positions[:bp], self.runner.kv_caches, meta, lora)
+        with attention_backends(self.runner.device):  # the graph keeps the kernel chosen here
+            hidden = model(self.token_ids[:bp], self.positions[:bp], self.runner.kv_caches, meta, lora)
         return model.compute_logits(hidden)
 
     def _capture(self, bp: int, nbp: int, rank: int) -> torch.cuda.CUDAGraph:

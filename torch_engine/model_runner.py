@@ -23,6 +23,7 @@ from lmq.weights import iterate_weights
 from lora.adapter import LoRAAdapter
 from lora.ops import LoRAMetadata
 from torch_engine.cuda_graph import DecodeGraphs
+from torch_engine.ops import attention_backends
 
 log = logging.getLogger("lmq")
 
@@ -160,7 +161,8 @@ class ModelRunner:
             if len(rows) < len(inp.order):
                 logits = logits[to_device(rows, logits.device)]
             return ModelOutput(logits, {})
-        hidden = self.model(inp.token_ids, inp.positions, self.kv_caches, inp.meta, inp.lora)  # [T, hidden]
+        with attention_backends(self.device):
+            hidden = self.model(inp.token_ids, inp.positions, self.kv_caches, inp.meta, inp.lora)  # [T, hidden]
         return self._logits(batch, inp, hidden)
 
     def _logits(self, batch: ScheduledBatch, inp: ModelInput, hidden: torch.Tensor) -> ModelOutput:

@@ -5,11 +5,27 @@ turbomind kernels are tested against. The arithmetic follows transformers' Llama
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lmq.attention import AttentionMetadata
 from lora.ops import LoRAMetadata, LoRAStack, add_lora
+
+# The backends `attention` may take on CUDA, entered once per step by the runner (`sdpa_kernel`
+# costs ~13 us a call: too much per layer). cuDNN is left out: it builds a plan for every shape
+# it has not seen, 40-50 ms each on an H200, and eager steps see new shapes all the time
+# (BENCHMARKS.md, "Server under load"). Flash takes no mask, so the memory-efficient kernel runs
+# both calls below; MATH stays last so that a shape it refuses is slow rather than an error
+# (tests/test_gpu_attention.py checks that no shape the engine makes needs it).
+CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def attention_backends(device: torch.device) -> contextlib.AbstractContextManager:
+    """Around every forward pass and graph capture: the SDPA backends `attention` may take."""
+    return sdpa_kernel(CUDA_SDPA_BACKENDS) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def embedding(token_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -94,9 +110,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
         out[:nd] = o.reshape(bd, h, d)
     if meta.num_prefill_seqs:
         qp = q[nd:][meta.prefill_pad_index].transpose(1, 2)  # [Bp, H, max_q, D]
-        o = F.scaled_dot_product_attention(
-            qp, _gather(k_cache, meta.prefill_block_tables), _gather(v_cache, meta.prefill_block_tables),
-            attn_mask=meta.prefill_mask(block_size, window), scale=scale, enable_gqa=True)
+        kp = _gather(k_cache, meta.prefill_block_tables)  # [Bp, Hkv, L, D]
+        vp = _gather(v_cache, meta.prefill_block_tables)
+        # CUDA's memory-efficient kernel has no enable_gqa with a mask (PyTorch would fall back to
+        # MATH): K/V are repeated per query head there; the CPU's flash kernel groups natively.
+        gqa = not q.is_cuda
+        if not gqa and kp.shape[1] != qp.shape[1]:
+            g = qp.shape[1] // kp.shape[1]
+            kp, vp = kp.repeat_interleave(g, dim=1), vp.repeat_interleave(g, dim=1)  # [Bp, H, L, D]
+        o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=meta.prefill_mask(block_size, window),
+                                           scale=scale, enable_gqa=gqa)
         o = o.transpose(1, 2).reshape(-1, *q.shape[1:])  # [Bp * max_q, H, D]
         out[nd:] = o[meta.prefill_unpad_index]
     return out
