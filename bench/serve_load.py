@@ -145,13 +145,15 @@ def offline_tok_s(folder: str, prompts: list[list[int]], warmup: list[list[int]]
     return tokens / elapsed
 
 
-def start_server(folder: str, opts: dict, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(folder: str, opts: dict, log: Path, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+    """`lmq serve` in a process of its own with `--key value` per item of `opts`, then `extra`."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "lmq.cli", "serve", folder, "--port", str(port), "--served-model-name", "bench"]
     for k, v in opts.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
+    cmd += list(extra)
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"

@@ -32,6 +32,9 @@ class EngineStats:
     prefix_cache_hits: int
     num_preemptions: int
     num_aborted: int  # requests ended by an abort (client gone, shutdown, broken adapter, failed step) so far
+    # Adapter bookkeeping; both are 0 when nothing runs, so anything else after a drain is a leak.
+    num_lora_pins: int = 0  # running sequences pinning a device slot
+    num_lora_requests: int = 0  # accepted requests not yet finished, over every adapter (also unloaded ones)
 
 
 @dataclass
@@ -201,10 +204,15 @@ class LLMEngine:
         return bool(self.requests)
 
     def stats(self) -> EngineStats:
-        bm = self.block_manager
+        bm, lora = self.block_manager, self.adapters
+        pins = requests = 0
+        if lora is not None:
+            # An unloaded adapter leaves the registry but may still hold a slot or requests.
+            known = {a.uid: a for a in [*lora.registry.values(), *(a for a in lora.slots if a is not None)]}
+            pins, requests = len(lora.pins), sum(a.num_requests for a in known.values())
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), bm.num_free_blocks,
                            bm.num_blocks, bm.prefix_queries, bm.prefix_hits, self.scheduler.num_preemptions,
-                           self.num_aborted)
+                           self.num_aborted, pins, requests)
 
     # -- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

@@ -30,6 +30,9 @@ class _EngineCollector(Collector):
                                 value=s.prefix_cache_hits / max(s.prefix_cache_queries, 1))
         yield GaugeMetricFamily("lmq_num_preemptions", "Preemptions so far", value=s.num_preemptions)
         yield GaugeMetricFamily("lmq_num_aborted_requests", "Requests aborted so far", value=s.num_aborted)
+        yield GaugeMetricFamily("lmq_lora_slot_pins", "Running sequences pinning an adapter slot",
+                                value=s.num_lora_pins)
+        yield GaugeMetricFamily("lmq_lora_requests", "Unfinished requests on adapters", value=s.num_lora_requests)
 
 
 class Metrics:

@@ -103,13 +103,17 @@ def test_unload_lets_running_stream_finish(server, client, lora_dir):
         first = next(chunks)
         assert first.choices[0].finish_reason is None
         assert _post(server, "/v1/unload_lora_adapter", {"lora_name": "tmp"}).status_code == 200
-        assert engine.stats().num_running == 1
+        s = engine.stats()  # the unloaded adapter still holds its slot and its one request
+        assert (s.num_running, s.num_lora_pins, s.num_lora_requests) == (1, 1, 1)
         with pytest.raises(openai.NotFoundError):  # gone for new requests at once
             client.completions.create(model="tmp", prompt="x", max_tokens=1)
     finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finish == ["length"]
     s = engine.stats()
     assert s.num_aborted == aborted_before and s.num_free_blocks == s.num_blocks
+    assert (s.num_lora_pins, s.num_lora_requests) == (0, 0)
+    metrics = httpx.get(server.url + "/metrics").text.splitlines()
+    assert {"lmq_lora_slot_pins 0.0", "lmq_lora_requests 0.0"} <= set(metrics)
 
 
 @pytest.mark.parametrize("body,status,message", [
