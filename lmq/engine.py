@@ -34,7 +34,7 @@ class EngineStats:
     num_aborted: int  # requests ended by an abort (client gone, shutdown, broken adapter, failed step) so far
     # Adapter bookkeeping; both are 0 when nothing runs, so anything else after a drain is a leak.
     num_lora_pins: int = 0  # running sequences pinning a device slot
-    num_lora_requests: int = 0  # accepted requests not yet finished, over every adapter (also unloaded ones)
+    num_lora_requests: int = 0  # unfinished requests over loaded adapters and unloaded ones still in a slot
 
 
 @dataclass
