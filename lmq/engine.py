@@ -34,7 +34,7 @@ class EngineStats:
     num_aborted: int  # requests ended by an abort (client gone, shutdown, broken adapter, failed step) so far
     # Adapter bookkeeping; both are 0 when nothing runs, so anything else after a drain is a leak.
     num_lora_pins: int = 0  # running sequences pinning a device slot
-    num_lora_requests: int = 0  # unfinished requests over loaded adapters and unloaded ones still in a slot
+    num_lora_requests: int = 0  # unfinished requests over every adapter, unloaded ones too
 
 
 @dataclass
@@ -205,11 +205,7 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         bm, lora = self.block_manager, self.adapters
-        pins = requests = 0
-        if lora is not None:
-            # An unloaded adapter leaves the registry but may still hold a slot or requests.
-            known = {a.uid: a for a in [*lora.registry.values(), *(a for a in lora.slots if a is not None)]}
-            pins, requests = len(lora.pins), sum(a.num_requests for a in known.values())
+        pins, requests = (0, 0) if lora is None else (len(lora.pins), lora.num_requests)
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), bm.num_free_blocks,
                            bm.num_blocks, bm.prefix_queries, bm.prefix_hits, self.scheduler.num_preemptions,
                            self.num_aborted, pins, requests)

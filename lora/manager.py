@@ -67,6 +67,7 @@ class AdapterManager:
         self.num_slot_loads = 0
         self.num_reads = 0  # host-tier misses read from disk
         self.num_errors = 0  # failed re-reads; the engine aborts the requests of such adapters
+        self.num_requests = 0  # sum of every Adapter.num_requests, unloaded ones too (read by each step's stats)
         self._uids = itertools.count(1)
         self._pending: set[Adapter] = set()  # host-tier misses being read from disk
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmq-lora")
@@ -103,9 +104,11 @@ class AdapterManager:
 
     def retain(self, adapter: Adapter) -> None:
         adapter.num_requests += 1
+        self.num_requests += 1
 
     def release(self, adapter: Adapter) -> None:
         adapter.num_requests -= 1
+        self.num_requests -= 1
         self._drop_if_unused(adapter)
 
     def _drop_if_unused(self, adapter: Adapter) -> None:
