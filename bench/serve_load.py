@@ -180,12 +180,22 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def metrics(url: str) -> dict[str, float]:
+    """One scrape of the server's /metrics: every unlabelled sample by its full name."""
+    samples = {}
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        name, _, value = line.partition(" ")
+        if value and not line.startswith("#") and "{" not in name:
+            samples[name] = float(value)
+    return samples
+
+
 def metric(url: str, name: str) -> float:
     """One sample of the server's /metrics by its full name (e.g. `lmq_kv_cache_free_blocks`)."""
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise RuntimeError(f"no {name} in /metrics")
+    value = metrics(url).get(name)
+    if value is None:
+        raise RuntimeError(f"no {name} in /metrics")
+    return value
 
 
 def server_ttft(url: str) -> tuple[float, float]:

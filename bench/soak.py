@@ -42,10 +42,11 @@ from pathlib import Path
 import _paths  # noqa: F401  (first: see its docstring)
 import httpx
 import torch
-from serve_load import metric, start_server
+from serve_load import metrics, start_server
 from tqdm.auto import tqdm
 
 from lmq.weights import resolve_model
+from lora.adapter import PROJECTIONS
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly box with jolly "
          "giants near old castles and rivers under bright stars").split()
@@ -100,7 +101,6 @@ class Soak:
         self.url, self.args, self.adapters = url, args, adapters
         self.tally = Tally()
         self.stop = asyncio.Event()
-        self.dyn_loaded = False
 
     # -- the request kinds: each returns normally when the server behaved as expected -----------
     async def chat_stream(self, c: httpx.AsyncClient, rng: random.Random, model: str | None = None,
@@ -210,16 +210,17 @@ class Soak:
     async def admin(self, c: httpx.AsyncClient, lora_dir_name: str) -> None:
         """Load the run-time adapter, let it serve a while, unload it (requests on it may still run)."""
         while not self.stop.is_set():
-            r = await c.post(self.url + "/v1/load_lora_adapter", json={"lora_name": "dyn", "lora_path": lora_dir_name})
-            self.tally.ok["admin load"] += r.status_code == 200
-            if r.status_code != 200:
-                self.tally.bad("admin load", f"status {r.status_code}: {r.text[:200]}")
+            await self._admin_call(c, "load", {"lora_name": "dyn", "lora_path": lora_dir_name})
             await asyncio.sleep(self.args.adapter_cycle_s)
-            r = await c.post(self.url + "/v1/unload_lora_adapter", json={"lora_name": "dyn"})
-            self.tally.ok["admin unload"] += r.status_code == 200
-            if r.status_code != 200:
-                self.tally.bad("admin unload", f"status {r.status_code}: {r.text[:200]}")
+            await self._admin_call(c, "unload", {"lora_name": "dyn"})
             await asyncio.sleep(self.args.adapter_cycle_s / 2)
+
+    async def _admin_call(self, c: httpx.AsyncClient, verb: str, body: dict) -> None:
+        r = await c.post(f"{self.url}/v1/{verb}_lora_adapter", json=body)
+        if r.status_code == 200:
+            self.tally.ok[f"admin {verb}"] += 1
+        else:
+            self.tally.bad(f"admin {verb}", f"status {r.status_code}: {r.text[:200]}")
 
     async def run(self, server_pid: int, samples: list[tuple[float, float]]) -> None:
         limits = httpx.Limits(max_connections=self.args.workers + 8)
@@ -239,11 +240,13 @@ class Soak:
             await asyncio.gather(*tasks)
 
 
-def wait_drained(url: str, timeout: float = 120.0) -> None:
+def wait_drained(url: str, timeout: float = 120.0) -> dict[str, float]:
+    """Wait until nothing runs or waits; returns that scrape of /metrics."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if metric(url, "lmq_num_requests_running") == 0 and metric(url, "lmq_num_requests_waiting") == 0:
-            return
+        m = metrics(url)
+        if m["lmq_num_requests_running"] == 0 and m["lmq_num_requests_waiting"] == 0:
+            return m
         time.sleep(0.5)
     raise RuntimeError(f"the server did not drain in {timeout:.0f} s")
 
@@ -267,8 +270,7 @@ def main() -> None:
     folder = resolve_model(args.model)
     lora_dir = tmp / "lora"
     adapters = {"qv8": make_adapter(folder, tmp / "qv8", 8, ["q_proj", "v_proj"], seed=1),
-                "all16": make_adapter(folder, tmp / "all16", 16, ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                   "gate_proj", "up_proj", "down_proj"], seed=2)}
+                "all16": make_adapter(folder, tmp / "all16", 16, list(PROJECTIONS), seed=2)}
     make_adapter(folder, lora_dir / "dyn", 4, ["o_proj", "down_proj"], seed=3)
     opts = {"device": args.device, "max_model_len": args.max_model_len, "max_num_seqs": 2 * args.workers,
             "kv_cache_gb": 0.25, "max_loras": 2, "max_cpu_loras": 2, "lora_dir": lora_dir}
@@ -277,16 +279,14 @@ def main() -> None:
     proc, url = start_server(folder, opts, log, extra)
     samples: list[tuple[float, float]] = []
     try:
-        num_blocks = int(metric(url, "lmq_kv_cache_free_blocks"))  # idle: every block is free
-        aborted0 = metric(url, "lmq_num_aborted_requests")
+        start = metrics(url)
+        num_blocks = int(start["lmq_kv_cache_free_blocks"])  # idle: every block is free
+        aborted0 = start["lmq_num_aborted_requests"]
         soak = Soak(url, args, list(adapters))
         t0 = time.monotonic()
         asyncio.run(soak.run(proc.pid, samples))
-        wait_drained(url)
+        end = wait_drained(url)
         drain_s = time.monotonic() - t0 - args.duration
-        end = {name: metric(url, name) for name in ("lmq_kv_cache_free_blocks", "lmq_lora_slot_pins",
-                                                    "lmq_lora_requests", "lmq_num_aborted_requests",
-                                                    "lmq_num_preemptions")}
         health = httpx.get(url + "/health").status_code
     finally:
         proc.terminate()
