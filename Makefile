@@ -28,7 +28,7 @@ test: setup lint
 	$(PY) -m pytest -q tests
 
 lint: setup
-	$(VENV)/bin/ruff check lmq torch_engine lora serve tests bench
+	$(VENV)/bin/ruff check lmq torch_engine vision lora serve tests bench
 
 test-gpu: setup
 	$(PY) -m pytest -q -m gpu tests

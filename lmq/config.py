@@ -20,6 +20,57 @@ def _check(cond: bool, name: str, value: object, allowed: str) -> None:
         raise ValueError(f"{name}={value!r} is invalid: must be {allowed}")
 
 
+VISION_TOWERS = ("clip", "siglip")
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """A LLaVA model's vision side, read from its config.json (`vision_config` and the LLaVA
+    options): the ViT tower, which hidden states feed the projector, and the placeholder token."""
+
+    tower: str  # "clip" (class token, pre-norm, quick_gelu) | "siglip" (no class token, gelu_tanh)
+    image_size: int
+    patch_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    layer_norm_eps: float
+    hidden_act: str
+    feature_layers: tuple[int, ...]  # hidden_states indices (0 = embeddings), concatenated on the last dim
+    select_strategy: str  # "default" drops the class token, "full" keeps every position
+    projector_act: str
+    projector_bias: bool
+    text_hidden_size: int
+    image_token_id: int
+
+    def __post_init__(self) -> None:
+        _check(self.tower in VISION_TOWERS, "vision tower", self.tower, f"one of {', '.join(VISION_TOWERS)}")
+        _check(self.select_strategy in ("default", "full"), "vision_feature_select_strategy", self.select_strategy,
+               "'default' or 'full'")
+        _check(self.image_size % self.patch_size == 0, "image_size", self.image_size,
+               f"a multiple of patch_size={self.patch_size}")
+        for layer in self.feature_layers:
+            _check(-(self.num_layers + 1) <= layer <= self.num_layers, "vision_feature_layer", layer,
+                   f"a hidden-state index in [{-(self.num_layers + 1)}, {self.num_layers}]")
+
+    @property
+    def has_class_token(self) -> bool:
+        return self.tower == "clip"
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Placeholder tokens one image expands to: its patches, plus the class token unless the
+        select strategy drops it (as transformers' LlavaProcessor counts them)."""
+        n = (self.image_size // self.patch_size) ** 2
+        return n + int(self.has_class_token and self.select_strategy == "full")
+
+    @property
+    def num_layers_run(self) -> int:
+        """Tower layers the deepest selected hidden state needs (LLaVA's usual -2 skips the last)."""
+        return max(layer % (self.num_layers + 1) for layer in self.feature_layers)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The architecture facts the engine needs, read from an HF config.json."""
@@ -43,6 +94,7 @@ class ModelConfig:
     rope_inv_freq: tuple[float, ...]  # [head_dim / 2], float32 values from transformers' rope code
     rope_attention_scaling: float = 1.0
     eos_token_ids: tuple[int, ...] = ()
+    vision: VisionConfig | None = None  # a vision-language (LLaVA) model: its tower and projector
 
     def __post_init__(self) -> None:
         _check(self.num_heads % self.num_kv_heads == 0, "num_key_value_heads", self.num_kv_heads,

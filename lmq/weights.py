@@ -11,7 +11,7 @@ import importlib.util
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -94,10 +94,50 @@ def _weight_files(folder: Path) -> list[Path]:
                      f"model.safetensors.index.json (found: {sorted(x.name for x in folder.iterdir())[:10]})")
 
 
-def iterate_weights(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) for every tensor of every shard, with a progress bar."""
+def iterate_weights(folder: str,
+                    rename: Callable[[str], str | None] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) for every tensor of every shard, with a progress bar. `rename` maps a
+    name to the one to yield, or to None for a tensor that is skipped without being read."""
     files = _weight_files(Path(folder))
     for f in tqdm(files, desc="Loading weights", unit="shard", disable=len(files) < 2):
         with safe_open(f, framework="pt") as sf:
             for name in sf.keys():
-                yield name, sf.get_tensor(name)
+                new = name if rename is None else rename(name)
+                if new is not None:
+                    yield new, sf.get_tensor(name)
+
+
+# LLaVA checkpoints name their parts three ways: transformers 4 on the hub
+# ("language_model.model.layers.0...", "vision_tower.vision_model.encoder..."), transformers 5's
+# saved form ("language_model.model...", "vision_tower.encoder...") and its in-memory form
+# ("model.language_model.layers...", "model.vision_tower...", "lm_head.weight").
+_LLAVA_PREFIXES = (
+    ("model.language_model.", "language_model", "model."),
+    ("language_model.model.", "language_model", "model."),
+    ("language_model.lm_head.", "language_model", "lm_head."),
+    ("lm_head.", "language_model", "lm_head."),
+    ("model.vision_tower.vision_model.", "vision_tower", ""),
+    ("model.vision_tower.", "vision_tower", ""),
+    ("vision_tower.vision_model.", "vision_tower", ""),
+    ("vision_tower.", "vision_tower", ""),
+    ("model.multi_modal_projector.", "multi_modal_projector", ""),
+    ("multi_modal_projector.", "multi_modal_projector", ""),
+)
+
+
+def llava_part(name: str) -> tuple[str, str]:
+    """A LLaVA checkpoint name -> (part, the name inside it): the language model's names come out
+    as a plain causal LM's ("model.layers.0...", "lm_head.weight")."""
+    for prefix, part, new in _LLAVA_PREFIXES:
+        if name.startswith(prefix):
+            return part, new + name[len(prefix):]
+    raise ValueError(f"unexpected weight {name!r} in a LLaVA checkpoint")
+
+
+def part_weights(folder: str, part: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of one LLaVA part ("language_model", "vision_tower", "multi_modal_projector")."""
+    def rename(name: str) -> str | None:
+        got, inner = llava_part(name)
+        return inner if got == part else None
+
+    return iterate_weights(folder, rename)

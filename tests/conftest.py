@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import vision  # noqa: F401  (first: makes torchvision, which transformers may import, importable on CPU torch)
+
 # Fresh random weights and inputs every run; the header prints the seed to replay a failure.
 SEED = int(os.environ.get("LMQ_TEST_SEED", random.randrange(2**31)))
 VOCAB = 384  # model vocab; the tokenizer uses the first ~300 ids

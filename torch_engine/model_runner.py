@@ -19,7 +19,7 @@ from lmq.sampling import SamplingParams
 from lmq.scheduler import ScheduledBatch, ScheduledSeq
 from lmq.sequence import Request, Sequence
 from lmq.transfer import to_device
-from lmq.weights import iterate_weights
+from lmq.weights import iterate_weights, part_weights
 from lora.adapter import LoRAAdapter
 from lora.ops import LoRAMetadata
 from torch_engine.cuda_graph import DecodeGraphs
@@ -59,7 +59,7 @@ def load_model(cfg: ModelConfig, ops: ModuleType, device: str) -> torch.nn.Modul
     """Build the model directly on `device` in its dtype and fill it from the checkpoint."""
     with torch.device(device), _default_dtype(cfg.dtype):
         model = ARCHITECTURES[cfg.architecture](cfg, ops)
-    model.load_weights(iterate_weights(cfg.path))
+    model.load_weights(part_weights(cfg.path, "language_model") if cfg.vision else iterate_weights(cfg.path))
     return model.to(cfg.dtype).eval()
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lmq.config import SUPPORTED_DTYPES, ModelConfig
+from lmq.config import SUPPORTED_DTYPES, ModelConfig, VisionConfig
 from lmq.models.llama import LlamaForCausalLM
 
 ARCHITECTURES: dict[str, type[LlamaForCausalLM]] = {
@@ -14,6 +14,10 @@ ARCHITECTURES: dict[str, type[LlamaForCausalLM]] = {
     "Qwen3ForCausalLM": LlamaForCausalLM,
 }
 _ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+VISION_LANGUAGE = ("LlavaForConditionalGeneration",)  # a vision tower + projector over one of ARCHITECTURES
+_TEXT_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                     "qwen3": "Qwen3ForCausalLM"}
+_VISION_MODEL_TYPES = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}
 
 
 def resolve_dtype(dtype: str | torch.dtype, hf_config: object, device: str) -> torch.dtype:
@@ -69,14 +73,45 @@ def _eos_ids(hf_config: object, generation_eos: object) -> tuple[int, ...]:
     return tuple(dict.fromkeys(ids))
 
 
-def model_config_from_hf(path: str, hf_config: object, dtype: str | torch.dtype, device: str,
-                         max_model_len: int | None = None, generation_eos: object = None) -> ModelConfig:
+def vision_config_from_hf(path: str, hf_config: object) -> VisionConfig:
+    """A LLaVA config.json's vision side."""
+    v, t = hf_config.vision_config, hf_config.text_config
+    tower = _VISION_MODEL_TYPES.get(v.model_type)
+    if tower is None:
+        raise ValueError(f"vision tower model_type={v.model_type!r} in {path}/config.json is not supported: "
+                         f"supported are {', '.join(_VISION_MODEL_TYPES)}")
+    layer = hf_config.vision_feature_layer
+    return VisionConfig(
+        tower=tower, image_size=v.image_size, patch_size=v.patch_size, hidden_size=v.hidden_size,
+        intermediate_size=v.intermediate_size, num_layers=v.num_hidden_layers, num_heads=v.num_attention_heads,
+        layer_norm_eps=v.layer_norm_eps, hidden_act=v.hidden_act,
+        feature_layers=(layer,) if isinstance(layer, int) else tuple(layer),
+        select_strategy=hf_config.vision_feature_select_strategy, projector_act=hf_config.projector_hidden_act,
+        projector_bias=bool(getattr(hf_config, "multimodal_projector_bias", True)), text_hidden_size=t.hidden_size,
+        image_token_id=hf_config.image_token_id)
+
+
+def _text_config(path: str, hf_config: object) -> tuple[str, object, VisionConfig | None]:
+    """(language-model architecture, its config, the vision side or None) of any supported folder."""
     archs = getattr(hf_config, "architectures", None) or []
     arch = archs[0] if archs else f"<none; model_type={getattr(hf_config, 'model_type', None)!r}>"
+    if arch in VISION_LANGUAGE:
+        text = hf_config.text_config
+        text_arch = _TEXT_MODEL_TYPES.get(text.model_type)
+        if text_arch is None:
+            raise ValueError(f"language model model_type={text.model_type!r} of {arch} in {path}/config.json is "
+                             f"not supported: supported are {', '.join(_TEXT_MODEL_TYPES)}")
+        return text_arch, text, vision_config_from_hf(path, hf_config)
     if arch not in ARCHITECTURES:
         raise ValueError(f"architecture {arch!r} in {path}/config.json is not supported: "
-                         f"supported are {', '.join(ARCHITECTURES)}")
-    c = hf_config
+                         f"supported are {', '.join([*ARCHITECTURES, *VISION_LANGUAGE])}")
+    return arch, hf_config, None
+
+
+def model_config_from_hf(path: str, hf_config: object, dtype: str | torch.dtype, device: str,
+                         max_model_len: int | None = None, generation_eos: object = None) -> ModelConfig:
+    outer = hf_config
+    arch, c, vision = _text_config(path, hf_config)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     inv_freq, scaling = _rope(c, head_dim)
     limit = c.max_position_embeddings
@@ -98,8 +133,9 @@ def model_config_from_hf(path: str, hf_config: object, dtype: str | torch.dtype,
         attention_bias=arch == "Qwen2ForCausalLM" or bool(getattr(c, "attention_bias", False)),
         qk_norm=arch == "Qwen3ForCausalLM",
         sliding_windows=_sliding_windows(c, c.num_hidden_layers),
-        dtype=resolve_dtype(dtype, c, device),
+        dtype=resolve_dtype(dtype, outer, device),
         rope_inv_freq=inv_freq,
         rope_attention_scaling=scaling,
         eos_token_ids=_eos_ids(c, generation_eos),
+        vision=vision,
     )

@@ -1,0 +1,71 @@
+"""Tiny random LLaVA folders (CLIP or SigLIP tower over a tiny Llama) with a tokenizer that knows
+`<image>`, the LLaVA chat template and the tower's image processor config, built fresh per run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from conftest import BASE, SEED, make_tokenizer
+
+IMAGE_TOKEN = "<image>"
+# LLaVA-1.5's template (llava-hf): content parts of type "image" become <image>, text parts their text.
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] + ' ' }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] + ' ' }}{% endif %}"
+    "{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+TOWERS = {
+    # 30 px / 6 px patches: 25 patches + a class token; LLaVA's default: hidden state -2, class token dropped
+    "clip": dict(vision=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=72, num_hidden_layers=3,
+                             num_attention_heads=4, image_size=30, patch_size=6, hidden_act="quick_gelu"),
+                 llava=dict(vision_feature_layer=-2, vision_feature_select_strategy="default")),
+    # 24 px / 4 px: 36 patches, no class token; two feature layers concatenated, every position kept
+    "siglip": dict(vision=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=80,
+                               num_hidden_layers=3, num_attention_heads=4, image_size=24, patch_size=4,
+                               hidden_act="gelu_pytorch_tanh", vision_use_head=False),
+                   llava=dict(vision_feature_layer=[-1, 1], vision_feature_select_strategy="full")),
+}
+
+
+def image_token_id(folder: Path) -> int:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder).convert_tokens_to_ids(IMAGE_TOKEN)
+
+
+def make_llava(folder: Path, tower: str = "clip", seed: int = 0) -> Path:
+    """A LlavaForConditionalGeneration folder with random weights (initializer_range 0.1, so that
+    greedy tokens depend on the image)."""
+    import transformers
+    from transformers import AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
+
+    make_tokenizer(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    tok.chat_template = LLAVA_TEMPLATE
+    tok.save_pretrained(folder)
+    spec = TOWERS[tower]
+    vcfg = transformers.AutoConfig.for_model(**spec["vision"], initializer_range=0.1)
+    text = transformers.LlamaConfig(**{**BASE, "tie_word_embeddings": False})
+    cfg = LlavaConfig(vision_config=vcfg.to_dict(), text_config=text.to_dict(),
+                      image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN), projector_hidden_act="gelu",
+                      initializer_range=0.1, **spec["llava"])
+    torch.manual_seed(SEED + 100 + seed)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # transformers' init leaves norms and biases at constants: randomize every tensor
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.uniform_(0.8, 1.2)
+            else:
+                p.normal_(0.0, 0.1 if p.dim() > 1 or "class_embedding" in name else 0.02)
+    model.save_pretrained(folder)
+    size = spec["vision"]["image_size"]
+    if tower == "clip":
+        proc = transformers.CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    else:
+        proc = transformers.SiglipImageProcessor(size={"height": size, "width": size})
+    proc.save_pretrained(folder)
+    return folder
