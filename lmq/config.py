@@ -169,12 +169,17 @@ class EngineConfig:
     device: str = "cpu"
     enable_cuda_graph: bool = True  # decode steps on CUDA replay captured graphs
     seed: int = 0
+    # Vision-language models: one encoder replica per device (empty: every visible GPU when
+    # `device` is CUDA, else `device`), each encoding up to this many images at once.
+    vision_devices: tuple[str, ...] = ()
+    vision_max_batch_size: int = 16
 
     def __post_init__(self) -> None:
         _check(self.backend in ("pytorch", "turbomind"), "backend", self.backend, "'pytorch' or 'turbomind'")
         # Positions past the model's rope table and graph buckets must never be scheduled.
         _check(self.scheduler.max_model_len <= self.model.max_model_len, "max_model_len",
                self.scheduler.max_model_len, f"<= the model's max_model_len={self.model.max_model_len}")
+        _check(self.vision_max_batch_size >= 1, "vision_max_batch_size", self.vision_max_batch_size, ">= 1")
 
     def with_num_kv_blocks(self, num_blocks: int) -> EngineConfig:
         return dataclasses.replace(self, cache=dataclasses.replace(self.cache, num_kv_blocks=num_blocks))

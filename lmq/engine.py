@@ -5,12 +5,15 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from lmq.block_manager import BlockManager, blocks_for
 from lmq.config import EngineConfig
+from lmq.multimodal import ImageInput, ProcessedImage, cache_key_ids, expand_image_tokens
 from lmq.sampling import SampledTokens, Sampler, SamplerRow, SamplingParams, token_logprobs
 from lmq.scheduler import ScheduledBatch, Scheduler
 from lmq.sequence import Request, RequestOutput, Sequence
@@ -18,6 +21,9 @@ from lmq.tokenizer import Detokenizer, Tokenizer
 from lmq.transfer import to_device
 from lora.adapter import LoRAAdapter
 from lora.manager import Adapter, AdapterManager
+
+if TYPE_CHECKING:
+    from vision.pool import EncoderPool
 
 log = logging.getLogger("lmq")
 
@@ -72,6 +78,20 @@ def validate_request(config: EngineConfig, ids: list[int], params: SamplingParam
         raise ValueError(f"n={params.n} exceeds max_num_seqs={config.scheduler.max_num_seqs}")
 
 
+def _encoder_pool(config: EngineConfig) -> EncoderPool | None:
+    """A vision model's encoder replicas: on `vision_devices`, by default every visible GPU when
+    the engine runs on CUDA (else the engine's device)."""
+    if config.model.vision is None:
+        return None
+    from vision.pool import EncoderPool
+
+    devices = list(config.vision_devices)
+    if not devices:
+        cuda = config.device.startswith("cuda")
+        devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if cuda else [config.device]
+    return EncoderPool(config.model, devices, config.vision_max_batch_size, config.device)
+
+
 class LLMEngine:
     """Owns one model. Not thread-safe: one thread calls add_request/step/abort."""
 
@@ -82,6 +102,9 @@ class LLMEngine:
         if config.backend != "pytorch":
             raise ValueError(f"backend={config.backend!r} is not available yet: use 'pytorch'")
         self.runner = ModelRunner(config, ops)
+        self.encoders = _encoder_pool(config)  # before profiling: its replicas' memory is not KV cache
+        self.encoding: dict[str, tuple[Request, Future]] = {}  # requests waiting for their images' features
+        self.failures: list[tuple[str, Exception]] = []  # requests ended by an error, for take_failures
         num_blocks = config.cache.num_kv_blocks or self._cap_blocks(config, self.runner.profile_num_blocks())
         self.config = config.with_num_kv_blocks(num_blocks)
         self.runner.allocate_kv_cache(num_blocks)
@@ -116,25 +139,60 @@ class LLMEngine:
 
     # -- requests ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    stream: bool = False, adapter: str | None = None, *, validated: bool = False) -> None:
+                    stream: bool = False, adapter: str | None = None, *, validated: bool = False,
+                    images: list[ImageInput] | list[ProcessedImage] | None = None) -> None:
         """Queue a request, for the base model or the loaded adapter named `adapter`.
         `stream=True` detokenizes every step (for streaming deltas). `validated=True`: the
         caller already ran `validate_request` on this engine's config (AsyncEngine's front end
-        does, in the server process)."""
+        does, in the server process). images: ProcessedImage per placeholder token of the
+        prompt (expanded here), or ImageInput of an already expanded prompt; the request is
+        scheduled once the encoder pool has their features."""
         if request_id in self.requests:
             raise ValueError(f"request_id={request_id!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        images = list(images or [])
+        if images and isinstance(images[0], ProcessedImage):
+            ids, images = expand_image_tokens(ids, images, self.config.model.vision)
+        if images and self.encoders is None:
+            raise ValueError("this model does not accept images (it is a text-only model)")
         if not validated:
             validate_request(self.config, ids, params)
-        req = Request(request_id, text, ids, params, adapter=self._adapter(adapter))
+        req = Request(request_id, text, ids, params, adapter=self._adapter(adapter), images=images)
         seq = self._new_seq(req, 0, list(ids))
         self.requests[request_id] = req
         if req.adapter is not None:
             self.adapters.retain(req.adapter)
         if stream:
             self.streaming.add(request_id)
-        self.scheduler.add(seq)
+        if images:
+            req.key_prompt_ids = cache_key_ids(ids, images)
+            self.encoding[request_id] = (req, self.encoders.submit([im.pixel_values for im in images]))
+        else:
+            self.scheduler.add(seq)
+
+    def _admit_encoded(self) -> bool:
+        """Requests whose images are encoded go to the scheduler; those whose encoding failed end
+        with no output: their error goes to `take_failures`. Returns whether any failed."""
+        failed = False
+        for rid, (req, future) in list(self.encoding.items()):
+            if not future.done():
+                continue
+            del self.encoding[rid]
+            error = future.exception()
+            if error is None:
+                req.image_features = future.result()
+                self.scheduler.add(req.seqs[0])
+            else:
+                self.failures.append((rid, error))
+                self._abort(req)
+                failed = True
+        return failed
+
+    def take_failures(self) -> list[tuple[str, Exception]]:
+        """(request id, error) of requests that ended with an error since the last call."""
+        out, self.failures = self.failures, []
+        return out
 
     # -- adapters ------------------------------------------------------------------------------
     def _adapter(self, name: str | None) -> Adapter | None:
@@ -196,6 +254,7 @@ class LLMEngine:
     def _forget(self, req: Request) -> None:
         """The request is over: drop it and release its adapter."""
         self.requests.pop(req.request_id, None)
+        self.encoding.pop(req.request_id, None)  # (an encoding still running finishes unused)
         self.streaming.discard(req.request_id)
         if req.adapter is not None:
             self.adapters.release(req.adapter)
@@ -220,10 +279,13 @@ class LLMEngine:
     def launch_step(self) -> StepInFlight:
         """Schedule and queue the step's forward pass and sampling on the device; the host does
         not wait for them (see `finish_step`)."""
+        failed = self._admit_encoded() if self.encoding else False
         batch = self.scheduler.schedule()
         if batch.is_empty:
             if self.adapters is not None:  # waiting only for adapters being read from disk
                 self.adapters.wait_for_reads(timeout=0.05)
+            if self.encoding and not failed:  # or for images being encoded
+                wait([f for _, f in self.encoding.values()], timeout=0.05, return_when=FIRST_COMPLETED)
             return StepInFlight(batch, [], None, {})
         out = self.runner.execute(batch)
         self.scheduler.on_step_done(batch)

@@ -7,6 +7,13 @@
 
     llm = LLM(adapters={"sql": "/ckpt/sql-lora", "chat": "/ckpt/chat-lora"})   # peft folders
     outs = llm.generate(prompts, params, adapter=["sql", None, "chat"])      # per prompt; None = base
+
+    llm = LLM("/models/llava-1.5-7b-hf")                                      # a LLaVA folder
+    outs = llm.generate({"prompt": "USER: <image>\nWhat is this? ASSISTANT:",
+                         "multi_modal_data": {"image": pil_image}})
+    outs = llm.chat([{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}},
+        {"type": "text", "text": "What is this?"}]}])
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from lmq.chat_content import template_messages
 from lmq.config import BACKENDS, CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig
 from lmq.engine import LLMEngine
 from lmq.models import model_config_from_hf
@@ -24,9 +32,11 @@ from lmq.sampling import SamplingParams
 from lmq.sequence import RequestOutput
 from lmq.tokenizer import Tokenizer
 from lmq.weights import resolve_model
+from vision.inputs import ImageInputs
+from vision.media import MediaConfig
 
 Message = dict
-Prompt = str | list[int]
+Prompt = str | list[int] | dict  # a dict: {"prompt" | "prompt_token_ids": ..., "multi_modal_data": {"image": ...}}
 
 
 def pick_backend(backend: str, device: str) -> str:
@@ -48,7 +58,8 @@ def build_engine_config(model: str | None = None, *, backend: str = "auto", dtyp
                         max_num_batched_tokens: int | None = None, max_num_seqs: int = 256,
                         max_model_len: int | None = None, enable_prefix_caching: bool = True,
                         enable_cuda_graph: bool = True, seed: int = 0, enable_lora: bool = False,
-                        max_loras: int = 8, max_lora_rank: int = 64, max_cpu_loras: int | None = None) -> EngineConfig:
+                        max_loras: int = 8, max_lora_rank: int = 64, max_cpu_loras: int | None = None,
+                        vision_devices: Sequence[str] = (), vision_max_batch_size: int = 16) -> EngineConfig:
     """Options as the CLI and LLM take them -> a validated EngineConfig."""
     from transformers import AutoConfig, GenerationConfig
 
@@ -74,20 +85,25 @@ def build_engine_config(model: str | None = None, *, backend: str = "auto", dtyp
         device=device,
         enable_cuda_graph=enable_cuda_graph,
         seed=seed,
+        vision_devices=tuple(vision_devices),
+        vision_max_batch_size=vision_max_batch_size,
     )
 
 
 class LLM:
     def __init__(self, model: str | None = None, adapters: dict[str, str] | None = None,
+                 allowed_media_dir: str | None = None, allow_private_media: bool = False,
                  **options: object) -> None:
         """adapters: name -> peft LoRA folder, loaded at start (enables LoRA; so does
-        `enable_lora=True` for adapters loaded later with `load_adapter`)."""
+        `enable_lora=True` for adapters loaded later with `load_adapter`). allowed_media_dir /
+        allow_private_media: what image URLs `chat` may read (see vision.media)."""
         if adapters:
             options["enable_lora"] = True
         config = build_engine_config(model, **options)  # type: ignore[arg-type]
         torch.manual_seed(config.seed)
         self.tokenizer = Tokenizer(config.model.path)
         self.engine = LLMEngine(config, self.tokenizer)
+        self.images = ImageInputs(config.model, MediaConfig(allowed_media_dir, allow_private_media))
         self._ids = itertools.count()
         for name, path in (adapters or {}).items():
             self.load_adapter(name, path)
@@ -104,7 +120,7 @@ class LLM:
                  use_tqdm: bool = False, adapter: str | None | Sequence[str | None] = None) -> list[RequestOutput]:
         """prompts: a string, a list of token ids, or a list of either. adapter: one name for
         every prompt, or one name (None = the base model) per prompt. Outputs in input order."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         prompts = list(prompts)  # type: ignore[arg-type]
         params_list = self._params_per_prompt(params, len(prompts))
@@ -115,7 +131,8 @@ class LLM:
         try:
             for p, sp, name in zip(prompts, params_list, adapters):
                 rid = f"gen-{next(self._ids)}"
-                self.engine.add_request(rid, p, sp, adapter=name)
+                prompt, images = self.images.from_prompt(p)
+                self.engine.add_request(rid, prompt, sp, adapter=name, images=images)
                 ids.append(rid)
         except Exception:
             for rid in ids:
@@ -127,7 +144,12 @@ class LLM:
              use_tqdm: bool = False, adapter: str | None | Sequence[str | None] = None) -> list[RequestOutput]:
         """One conversation or a list of them, through the model's chat template."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.tokenizer.apply_chat_template(c) for c in convs]  # type: ignore[arg-type]
+        prompts = []
+        for conv in convs:
+            msgs, refs = template_messages(conv)  # type: ignore[arg-type]
+            ids = self.tokenizer.apply_chat_template(msgs)
+            prompts.append({"prompt_token_ids": ids, "multi_modal_data": {"image": self.images.load(refs)}}
+                           if refs else ids)
         return self.generate(prompts, params, use_tqdm, adapter)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None,
@@ -170,6 +192,9 @@ class LLM:
                     if out.finished:
                         done[out.request_id] = out
                         bar.update(1)
+                for rid, error in self.engine.take_failures():
+                    if rid in ids:
+                        raise error
         finally:  # an exception or Ctrl-C leaves no request behind in the engine
             for rid in ids:
                 if rid not in done:

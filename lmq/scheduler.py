@@ -131,7 +131,7 @@ class Scheduler:
                 continue
             cached: list[int] = []
             if seq.num_computed_tokens == 0 and seq.params.prompt_logprobs is None:
-                cached = self.blocks.find_cached_prefix(seq.token_ids, seq.cache_key)
+                cached = self.blocks.find_cached_prefix(seq.key_token_ids, seq.cache_key)
             num_cached = len(cached) * self.blocks.block_size
             n = min(seq.num_tokens - num_cached, budget)
             if not self.blocks.can_allocate(seq.seq_id, num_cached + n, cached):
@@ -172,4 +172,4 @@ class Scheduler:
             seq = s.seq
             seq.num_computed_tokens = s.start + s.num_new_tokens
             if seq.seq_id in self.blocks.tables:
-                self.blocks.cache_full_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens, seq.cache_key)
+                self.blocks.cache_full_blocks(seq.seq_id, seq.key_token_ids, seq.num_computed_tokens, seq.cache_key)

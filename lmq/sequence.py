@@ -12,6 +12,7 @@ import torch
 from lmq.sampling import Logprob, SamplingParams
 
 if TYPE_CHECKING:
+    from lmq.multimodal import ImageInput
     from lora.manager import Adapter
 
 
@@ -61,6 +62,12 @@ class Sequence:
         return None if self.request.adapter is None else self.request.adapter.uid
 
     @property
+    def key_token_ids(self) -> list[int]:
+        """Token ids as the prefix cache keys them: image positions carry their image's hash."""
+        key = self.request.key_prompt_ids
+        return self.token_ids if key is None else key + self.token_ids[self.num_prompt_tokens:]
+
+    @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
 
@@ -101,6 +108,9 @@ class Request:
     first_token_time: float | None = None
     aborted: bool = False  # also before an n > 1 request has forked its samples
     adapter: Adapter | None = None  # None: the base model
+    images: list[ImageInput] = field(default_factory=list)  # in prompt order
+    image_features: list[torch.Tensor] | None = None  # [num_tokens, hidden] per image, once encoded
+    key_prompt_ids: list[int] | None = None  # prompt ids with image positions hashed (multimodal.cache_key_ids)
 
     @property
     def is_finished(self) -> bool:

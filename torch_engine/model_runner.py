@@ -15,6 +15,7 @@ from lmq.attention import AttentionMetadata
 from lmq.block_manager import blocks_for
 from lmq.config import EngineConfig, ModelConfig
 from lmq.models import ARCHITECTURES
+from lmq.multimodal import ImageEmbeds, chunk_image_rows
 from lmq.sampling import SamplingParams
 from lmq.scheduler import ScheduledBatch, ScheduledSeq
 from lmq.sequence import Request, Sequence
@@ -43,6 +44,7 @@ class ModelInput:
     offsets: list[int]  # start of each entry of `order` in the flat layout
     lora: LoRAMetadata | None = None  # None: no adapter token in the step
     lora_slots: torch.Tensor | None = None  # [T] int64 slot of each token, -1 = base model
+    images: ImageEmbeds | None = None  # None: no image position in the step
 
 
 @contextlib.contextmanager
@@ -155,14 +157,16 @@ class ModelRunner:
         inp = self.prepare(batch)
         decode_only = inp.meta.num_prefill_seqs == 0
         # Prompt rows are looked for here only when a graph could run; _logits finds them otherwise.
-        if self.graphs is not None and decode_only and not any(_num_prompt_rows(s) for s in inp.order):
+        if self.graphs is not None and decode_only and inp.images is None and \
+                not any(_num_prompt_rows(s) for s in inp.order):
             logits = self.graphs.run(inp)  # [Bd, V]; all decodes, so `order` is the batch order
             rows = [i for i, s in enumerate(inp.order) if s.samples]
             if len(rows) < len(inp.order):
                 logits = logits[to_device(rows, logits.device)]
             return ModelOutput(logits, {})
         with attention_backends(self.device):
-            hidden = self.model(inp.token_ids, inp.positions, self.kv_caches, inp.meta, inp.lora)  # [T, hidden]
+            hidden = self.model(inp.token_ids, inp.positions, self.kv_caches, inp.meta, inp.lora,
+                                inp.images)  # [T, hidden]
         return self._logits(batch, inp, hidden)
 
     def _logits(self, batch: ScheduledBatch, inp: ModelInput, hidden: torch.Tensor) -> ModelOutput:
@@ -209,12 +213,14 @@ class ModelRunner:
 
         dt, pt = self._block_tables(decodes), self._block_tables(prefills)
         tok_slots, lora_rows = self._lora_rows(order, batch.lora_rank)
+        img_rows, img_feats = self._image_rows(order, offsets)
         # One host-to-device copy for all of the step's index arrays (each copy has a fixed cost).
-        slots_t, dctx, pad_t, qpos, unpad_t, dt_t, pt_t, ids_t, pos_t, tok_slots_t, rows_t = self._to_device([
+        slots_t, dctx, pad_t, qpos, unpad_t, dt_t, pt_t, ids_t, pos_t, tok_slots_t, rows_t, img_t = self._to_device([
             (slots, (-1,)), ([s.start + 1 for s in decodes], (-1,)),
             ([x for row in pad_index for x in row], (len(prefills), max_q)),
             ([x for row in query_pos for x in row], (len(prefills), max_q)), (unpad, (-1,)),
-            dt, pt, (ids, (-1,)), (pos, (-1,)), (tok_slots, (-1,)), (lora_rows, (-1,))])
+            dt, pt, (ids, (-1,)), (pos, (-1,)), (tok_slots, (-1,)), (lora_rows, (-1,)), (img_rows, (-1,))])
+        images = ImageEmbeds(img_t, torch.cat(img_feats)) if img_feats else None
         meta = AttentionMetadata(
             slot_mapping=slots_t,
             num_decode_tokens=len(decodes),
@@ -226,13 +232,29 @@ class ModelRunner:
             prefill_unpad_index=unpad_t,
         )
         if not tok_slots:
-            return ModelInput(ids_t, pos_t, meta, order, offsets)
+            return ModelInput(ids_t, pos_t, meta, order, offsets, images=images)
         # Eager steps compute only the adapter tokens' rows (all of them: no index needed).
         every = len(lora_rows) == len(tok_slots)
         lora = LoRAMetadata(self.lora_rank_bucket(batch.lora_rank),
                             self.lora_onehot(tok_slots_t if every else tok_slots_t[rows_t]),
                             None if every else rows_t)
-        return ModelInput(ids_t, pos_t, meta, order, offsets, lora, tok_slots_t)
+        return ModelInput(ids_t, pos_t, meta, order, offsets, lora, tok_slots_t, images)
+
+    @staticmethod
+    def _image_rows(order: list[ScheduledSeq], offsets: list[int]) -> tuple[list[int], list[torch.Tensor]]:
+        """Flat rows of the step's image positions and their feature rows ([M] and pieces of [M, hidden]);
+        a chunk that stops inside an image takes the features of the positions it covers."""
+        rows: list[int] = []
+        feats: list[torch.Tensor] = []
+        for s, off in zip(order, offsets):
+            req = s.seq.request
+            if not req.images or s.start >= req.images[-1].end:
+                continue
+            for i, first, n in chunk_image_rows(s.start, s.num_new_tokens, req.images):
+                row = off + req.images[i].offset + first - s.start
+                rows.extend(range(row, row + n))
+                feats.append(req.image_features[i][first:first + n])
+        return rows, feats
 
     @staticmethod
     def _lora_rows(order: list[ScheduledSeq], rank: int) -> tuple[list[int], list[int]]:

@@ -17,6 +17,7 @@ from torch import nn
 
 from lmq.attention import AttentionMetadata
 from lmq.config import LoRAConfig, ModelConfig
+from lmq.multimodal import ImageEmbeds
 from lora.adapter import PROJECTIONS, LoRAAdapter
 from lora.ops import LoRAMetadata, LoRAStack
 
@@ -91,10 +92,14 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("cos_sin", _rope_cache(cfg), persistent=False)
 
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, kv_caches: torch.Tensor,
-                meta: AttentionMetadata, lora: LoRAMetadata | None = None) -> torch.Tensor:
-        """token_ids, positions: [T]; kv_caches: [L, 2, num_blocks, block_size, Hkv, D] -> [T, hidden]"""
+                meta: AttentionMetadata, lora: LoRAMetadata | None = None,
+                images: ImageEmbeds | None = None) -> torch.Tensor:
+        """token_ids, positions: [T]; kv_caches: [L, 2, num_blocks, block_size, Hkv, D] -> [T, hidden].
+        images: features that replace the embeddings of image placeholder rows."""
         ops = self.ops
         x, residual = ops.embedding(token_ids, self.embed_tokens), None
+        if images is not None:
+            x = x.index_copy(0, images.rows, images.embeds.to(x.dtype))
         for i, layer in enumerate(self.layers):
             x, residual = layer(ops, positions, x, residual, kv_caches[i], self.cos_sin, meta, lora)
         x, _ = ops.rms_norm(x, self.norm, self.cfg.rms_norm_eps, residual)
