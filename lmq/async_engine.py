@@ -34,6 +34,7 @@ from lmq import engine_core as core
 from lmq.config import EngineConfig
 from lmq.deltas import OutputAssembler
 from lmq.engine import EngineStats, validate_request
+from lmq.multimodal import ProcessedImage, expand_image_tokens
 from lmq.sampling import SamplingParams
 from lmq.sequence import RequestOutput
 from lmq.tokenizer import Tokenizer
@@ -157,12 +158,17 @@ class AsyncEngine:
 
     # -- client side ---------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, stream: bool = True,
-                    **extra: object) -> RequestStream:
+                    images: list[ProcessedImage] | None = None, **extra: object) -> RequestStream:
         """Validate and queue a request now (ValueError, QueueFullError and EngineDeadError are
         raised here); iterate the returned stream for its outputs: one per step that changed it
-        with `stream`, else only the finished one. `extra` goes on to LLMEngine.add_request
-        (e.g. adapter="name"); what only the engine can check fails the stream instead."""
+        with `stream`, else only the finished one. images: one per placeholder token of the
+        prompt, expanded here (so the length check counts their tokens). `extra` goes on to
+        LLMEngine.add_request (e.g. adapter="name"); what only the engine can check (an unknown
+        adapter, an encoder failure) fails the stream instead."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        ids, inputs = expand_image_tokens(ids, list(images or []), self.config.model.vision)
+        if inputs:
+            extra["images"] = inputs
         validate_request(self.config, ids, params)
         channel = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         text = prompt if isinstance(prompt, str) else None
@@ -201,13 +207,15 @@ class AsyncEngine:
         """`call` for code outside an event loop (tests, threads)."""
         return self._call(method, args).result(timeout)
 
-    def set_debug_hooks(self, step_delay: float = 0.0, fail_steps: int = 0, pause_after: int | None = None) -> None:
+    def set_debug_hooks(self, step_delay: float = 0.0, fail_steps: int = 0, pause_after: int | None = None,
+                        fail_encodes: int = 0) -> None:
         """Test-only (see engine_core.DebugHooks): sleep `step_delay` s before every step; make the
-        next `fail_steps` steps raise; hold every request after `pause_after` more steps until the
-        next call. Applies from the engine's next turn, before the requests queued after it."""
+        next `fail_steps` steps (and `fail_encodes` image-encoder batches) raise; hold every request
+        after `pause_after` more steps until the next call. Applies from the engine's next turn,
+        before the requests queued after it."""
         with self._lock:
             self._check_open()
-            self._queue(core.DebugHooks(step_delay, fail_steps, pause_after))
+            self._queue(core.DebugHooks(step_delay, fail_steps, pause_after, fail_encodes))
 
     @property
     def alive(self) -> bool:

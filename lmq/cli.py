@@ -48,6 +48,21 @@ def _lora_args(p: argparse.ArgumentParser) -> None:
                    help="adapters kept in host memory, LRU (default: max(max-loras, 32))")
 
 
+def _vision_args(p: argparse.ArgumentParser, server: bool) -> None:
+    g = p.add_argument_group("vision-language models")
+    g.add_argument("--vision-devices", nargs="+", default=[], metavar="DEVICE",
+                   help="devices of the image-encoder replicas (default: every visible GPU, else the engine's device)")
+    g.add_argument("--vision-max-batch-size", type=int, default=16, help="images one encoder batch takes (default: 16)")
+    if not server:
+        return
+    g.add_argument("--limit-images-per-prompt", type=int, default=8,
+                   help="images one chat request may carry (default: 8)")
+    g.add_argument("--allowed-media-dir", default=None,
+                   help="image_url may name local files (file:// or a path) inside this directory (default: none)")
+    g.add_argument("--allow-private-media", action="store_true",
+                   help="let image URLs reach private, loopback and link-local addresses (refused by default)")
+
+
 def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens to generate (default: {max_tokens})")
@@ -66,6 +81,8 @@ def _engine_options(args: argparse.Namespace) -> dict:
                 kv_cache_gb=args.kv_cache_gb, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                 enable_prefix_caching=not args.no_prefix_caching)
+    if hasattr(args, "vision_devices"):
+        opts.update(vision_devices=tuple(args.vision_devices), vision_max_batch_size=args.vision_max_batch_size)
     if hasattr(args, "adapters"):
         lora_dir = getattr(args, "lora_dir", None)
         opts.update(enable_lora=bool(args.enable_lora or args.adapters or lora_dir), max_loras=args.max_loras,
@@ -130,12 +147,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from lmq.llm import build_engine_config
     from serve.server import make_app, run
+    from vision.media import MediaConfig
 
     if args.model_pos and args.model:
         raise ValueError("give the model once: as MODEL or as --model")
     config = build_engine_config(args.model_pos or args.model, **_engine_options(args))
     keys = tuple(k for k in (args.api_keys or "").split(",") if k)
-    app = make_app(config, args.served_model_name, keys, args.max_queue_len, dict(args.adapters), args.lora_dir)
+    media = MediaConfig(allowed_media_dir=args.allowed_media_dir, allow_private=args.allow_private_media)
+    app = make_app(config, args.served_model_name, keys, args.max_queue_len, dict(args.adapters), args.lora_dir,
+                   media, args.limit_images_per_prompt)
     run(app, args.host, args.port)
     return 0
 
@@ -172,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="allow POST /v1/load_lora_adapter for folders inside this directory (enables LoRA)")
     _engine_args(srv)
     _lora_args(srv)
+    _vision_args(srv, server=True)
     srv.set_defaults(func=cmd_serve)
     return parser
 

@@ -72,6 +72,7 @@ class DebugHooks:
     step_delay: float = 0.0
     fail_steps: int = 0
     pause_after: int | None = None  # None: never hold
+    fail_encodes: int = 0  # image-encoder batches that raise (the real failure path of the pool)
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,7 @@ class EngineCore:
             if self._can_step():
                 touched.update((req.request_id, req) for req in self.engine.abort_broken_adapters())
                 step = self._launch(touched, deltas)
+                deltas += self._failed_requests()
             if step is not None and not self.overlap:
                 touched.update(self._finish(step, deltas))
                 step = None
@@ -230,6 +232,8 @@ class EngineCore:
             results.append(self._call(op))
         elif isinstance(op, DebugHooks):
             self.step_delay, self.fail_steps, self.steps_left = op.step_delay, op.fail_steps, op.pause_after
+            if self.engine.encoders is not None:
+                self.engine.encoders.fail_batches = op.fail_encodes
         elif isinstance(op, Shutdown):
             self.stopping = True
             for rid in list(self.engine.requests):
@@ -264,6 +268,14 @@ class EngineCore:
                 touched.pop(rid, None)
             deltas += [failed_delta(rid, portable(e)) for rid in failed]
             return None
+
+    def _failed_requests(self) -> list[RequestDelta]:
+        """Requests the engine ended with an error of their own (an image the encoder failed on)."""
+        out = []
+        for rid, error in self.engine.take_failures():
+            self.encoder.forget(rid)
+            out.append(failed_delta(rid, portable(error)))
+        return out
 
     def _finish(self, step: StepInFlight, failed: list[RequestDelta]) -> dict[str, Request]:
         """The requests the step changed. If it fails, they and the rest in flight fail, with

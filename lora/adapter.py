@@ -96,6 +96,9 @@ def read_adapter(path: str | Path, cfg: ModelConfig, max_rank: int) -> LoRAAdapt
     tensors = _read_tensors(folder)
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
+        if "vision_tower" in key or "multi_modal_projector" in key:  # (their layers would match _KEY too)
+            raise AdapterError(f"unsupported adapter tensor {key!r}: lmq applies LoRA to the language model "
+                               "only, not to a vision tower or projector")
         m = _KEY.search(key)
         if m is None or m.group(2) not in PROJECTIONS:
             raise AdapterError(f"unsupported adapter tensor {key!r}: lmq applies LoRA to the "

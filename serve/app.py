@@ -13,7 +13,7 @@ import lmq
 from serve.adapters_api import AdapterAdmin
 from serve.errors import APIError, error_body, install_error_handlers
 from serve.metrics import Metrics
-from serve.openai_api import chat_job, completion_job, respond
+from serve.openai_api import chat_job, completion_job, load_images, respond
 from serve.protocol import ChatCompletionRequest, CompletionRequest, LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 from serve.router import Router
 
@@ -84,7 +84,9 @@ def build_app(router: Router, api_keys: tuple[str, ...] = (), lora_dir: str | No
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request) -> Response:
         route = router.resolve(req.model)
-        return await respond(chat_job(req, route), route, request, metrics, req.stream)
+        job = chat_job(req, route)
+        await load_images(job, route)
+        return await respond(job, route, request, metrics, req.stream)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Response:

@@ -14,12 +14,15 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from lmq.async_engine import EngineDeadError, QueueFullError, RequestStream
+from lmq.chat_content import ImageRef, template_messages
+from lmq.multimodal import ProcessedImage
 from lmq.sampling import Logprob, SamplingParams
 from lmq.sequence import RequestOutput
 from serve.errors import APIError, bad_value, error_body
 from serve.metrics import Metrics
-from serve.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
+from serve.protocol import ChatCompletionRequest, CompletionRequest
 from serve.router import Route
+from vision.media import MediaError
 
 # Optional request fields that map one to one onto SamplingParams; unset ones keep its defaults.
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
@@ -37,6 +40,8 @@ class Job:
     params: SamplingParams
     include_usage: bool
     tokens_as_ids: bool = False
+    image_refs: list[ImageRef] = field(default_factory=list)  # chat: the images of the messages
+    images: list[ProcessedImage] | None = None  # once loaded (load_images)
     created: int = field(default_factory=lambda: int(time.time()))
     arrival: float = field(default_factory=time.monotonic)
 
@@ -52,18 +57,19 @@ def sampling_params(req: ChatCompletionRequest | CompletionRequest, max_tokens: 
         raise bad_value(e) from None
 
 
-def _message_text(msg: ChatMessage, route: Route) -> str:
-    if msg.content is None or isinstance(msg.content, str):
-        return msg.content or ""
-    texts = []
-    for part in msg.content:
-        if part.type != "text":
-            if not route.accepts_images:
-                raise APIError(400, f"this model does not accept images (model {route.name!r} is text-only)",
-                               param="messages")
-        else:
-            texts.append(part.text or "")
-    return "".join(texts)
+def _chat_messages(req: ChatCompletionRequest, route: Route) -> tuple[list[dict], list[ImageRef]]:
+    """Messages for the chat template and the images they carry, checked against the route."""
+    try:
+        messages, refs = template_messages([m.model_dump(exclude_none=True) for m in req.messages])
+    except ValueError as e:
+        raise APIError(400, str(e), param="messages") from None
+    if refs and route.images is None:
+        raise APIError(400, f"this model does not accept images (model {route.name!r} is text-only); "
+                       f"{refs[0].where} is an image", param=refs[0].where)
+    if len(refs) > route.limit_images_per_prompt:
+        raise APIError(400, f"the messages hold {len(refs)} images, over the limit of --limit-images-per-prompt="
+                       f"{route.limit_images_per_prompt}", param="messages")
+    return messages, refs
 
 
 def chat_job(req: ChatCompletionRequest, route: Route) -> Job:
@@ -71,7 +77,7 @@ def chat_job(req: ChatCompletionRequest, route: Route) -> Job:
         raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     params = sampling_params(req, req.max_completion_tokens or req.max_tokens, logprobs)
-    messages = [{"role": m.role, "content": _message_text(m, route)} for m in req.messages]
+    messages, refs = _chat_messages(req, route)
     try:
         prompt = route.tokenizer.apply_chat_template(messages)
     except ValueError as e:
@@ -80,7 +86,23 @@ def chat_job(req: ChatCompletionRequest, route: Route) -> Job:
         raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from None
     include = bool(req.stream_options and req.stream_options.include_usage)
     return Job("chat", f"chatcmpl-{uuid.uuid4().hex}", route.name, [prompt], params, include,
-               req.return_tokens_as_token_ids)
+               req.return_tokens_as_token_ids, image_refs=refs)
+
+
+async def load_images(job: Job, route: Route) -> None:
+    """Fetch, decode and preprocess the job's images on a worker thread (network and CPU work
+    stay off the event loop); a bad one is a 400 naming its message part."""
+    if not job.image_refs:
+        return
+
+    def work() -> list[ProcessedImage]:
+        return route.images.process(route.images.load(job.image_refs))
+
+    try:
+        job.images = await asyncio.to_thread(work)
+    except MediaError as e:
+        where = str(e).split(":", 1)[0]
+        raise APIError(400, str(e), param=where if where.startswith("messages[") else "messages") from None
 
 
 def completion_job(req: CompletionRequest, route: Route) -> Job:
@@ -107,7 +129,7 @@ def start(job: Job, route: Route, stream: bool) -> list[RequestStream]:
     try:
         for i, prompt in enumerate(job.prompts):
             streams.append(route.engine.add_request(f"{job.id}-{i}", prompt, job.params, stream,
-                                                    adapter=route.adapter))
+                                                    images=job.images, adapter=route.adapter))
     except BaseException as e:
         for s in streams:
             s.abort()

@@ -14,6 +14,7 @@ class _Lenient(BaseModel):
 
 class ImageURL(_Lenient):
     url: str
+    detail: Literal["auto", "low", "high"] | None = None  # accepted; LLaVA towers see one fixed size
 
 
 class ContentPart(_Lenient):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from lmq.async_engine import AsyncEngine
 from lmq.tokenizer import Tokenizer
 from serve.errors import APIError
+from vision.inputs import ImageInputs
 
 
 @dataclass(frozen=True)
@@ -19,7 +20,8 @@ class Route:
     engine: AsyncEngine
     tokenizer: Tokenizer
     max_model_len: int
-    accepts_images: bool = False
+    images: ImageInputs | None = None  # None: a text-only model, which refuses images
+    limit_images_per_prompt: int = 8
     adapter: str | None = None  # None: the base model
     root: str | None = None  # where the weights came from
 

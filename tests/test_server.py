@@ -181,7 +181,7 @@ def _assert_error(resp: httpx.Response, status: int, *words: str) -> dict:
     ({"model": MODEL, "messages": "hi"}, ["messages"], "messages"),
     ({"messages": CHAT}, ["model"], "model"),
     ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-     ["does not accept images"], "messages"),
+     ["does not accept images", "messages[0].content[0] is an image"], "messages[0].content[0]"),
 ])
 def test_chat_validation_is_400_in_openai_shape(server, body, words, param):
     err = _assert_error(_post(server, "/v1/chat/completions", body), 400, *words)

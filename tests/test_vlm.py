@@ -16,7 +16,7 @@ from PIL import Image
 
 from conftest import SEED, make_model
 from lmq import LLM, SamplingParams
-from vlm_fixtures import TOWERS, make_llava
+from vlm_fixtures import TOWERS, HFLlava, make_llava
 
 MAX_NEW = 10
 GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True)
@@ -37,33 +37,6 @@ def data_url(image: Image.Image) -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-class HFLlava:
-    """transformers' greedy generate, one prompt at a time, placeholders expanded as LlavaProcessor does."""
-
-    def __init__(self, folder) -> None:
-        from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
-
-        self.tok = AutoTokenizer.from_pretrained(folder)
-        self.proc = AutoImageProcessor.from_pretrained(folder)
-        self.model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
-        self.model.generation_config.eos_token_id = None
-        cfg = self.model.config
-        side = cfg.vision_config.image_size // cfg.vision_config.patch_size
-        cls = cfg.vision_config.model_type == "clip_vision_model" and cfg.vision_feature_select_strategy == "full"
-        self.per_image = side * side + int(cls)
-
-    def greedy(self, text: str, images: list[Image.Image]) -> list[int]:
-        token = self.model.config.image_token_id
-        ids = []
-        for t in self.tok.encode(text):
-            ids += [t] * self.per_image if t == token else [t]
-        kwargs = {"pixel_values": self.proc(images=images, return_tensors="pt")["pixel_values"]} if images else {}
-        x = torch.tensor([ids])
-        out = self.model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=MAX_NEW,
-                                  pad_token_id=0, **kwargs)
-        return out[0, len(ids):].tolist()
 
 
 CASES = [  # (prompt, image sizes (w, h)); odd sizes, wide and tall, one or several per prompt
@@ -88,7 +61,7 @@ def _gen(llm: LLM, cases: list[tuple[str, list[Image.Image]]]) -> list[list[int]
 def test_greedy_matches_transformers_batched_with_text_and_chunked_through_images(llava, tower):
     cases = _prompts(seed=10)
     hf = HFLlava(llava[tower])
-    ref = [hf.greedy(t, ims) for t, ims in cases]
+    ref = [hf.greedy(t, ims, MAX_NEW) for t, ims in cases]
     # One batch mixing image and text-only prompts; then a 16-token budget, so prefill chunks end
     # inside images (25 or 36 positions each) and several prompts share steps.
     for budget in (2048, 16):
@@ -96,7 +69,7 @@ def test_greedy_matches_transformers_batched_with_text_and_chunked_through_image
         assert _gen(llm, cases) == ref, f"budget {budget}"
     # The images matter: other pixels change what the model says.
     other = [(t, random_images([im.size for im in ims], seed=99 + i)) for i, (t, ims) in enumerate(cases)]
-    assert [hf.greedy(t, ims) for t, ims in other if ims] != [r for r, (_, ims) in zip(ref, cases) if ims]
+    assert [hf.greedy(t, ims, MAX_NEW) for t, ims in other if ims] != [r for r, (_, ims) in zip(ref, cases) if ims]
 
 
 def test_prefix_cache_keys_on_image_content(llava):
@@ -129,7 +102,8 @@ def test_chat_with_data_urls_and_pil_parts_equals_generate(llava):
         add_generation_prompt=True)
     gen = llm.generate({"prompt": prompt, "multi_modal_data": {"image": ims}}, GREEDY)[0]
     assert chat.prompt_token_ids == gen.prompt_token_ids
-    assert chat.outputs[0].token_ids == gen.outputs[0].token_ids == HFLlava(llava["siglip"]).greedy(prompt, ims)
+    ref = HFLlava(llava["siglip"]).greedy(prompt, ims, MAX_NEW)
+    assert chat.outputs[0].token_ids == gen.outputs[0].token_ids == ref
 
 
 def test_bad_image_inputs_say_what_is_wrong(llava, tmp_path):
@@ -167,3 +141,44 @@ def test_a_failing_encoder_fails_its_request_and_frees_everything(llava, monkeyp
     engine.block_manager.check_integrity()
     replica.encoder = real  # the engine goes on serving
     assert llm.generate({"prompt": "<image>", "multi_modal_data": {"image": im}}, GREEDY)[0].outputs[0].token_ids
+
+
+def _llava_adapter(base, folder, rank: int, targets: str, seed: int):
+    """A peft adapter on the language model of a LLaVA model (regex targets, as one trains them)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(SEED + 2000 + seed)
+    model = LlavaForConditionalGeneration.from_pretrained(base, dtype=torch.float32)
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False, lora_dropout=0.0)
+    peft_model = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(4.0)
+    peft_model.save_pretrained(folder)
+    return folder
+
+
+def test_multi_lora_on_a_vlm_mixes_adapters_in_one_batch_as_peft(llava, tmp_path):
+    from peft import PeftModel
+
+    base = llava["clip"]
+    adapters = {"qv": _llava_adapter(base, tmp_path / "qv", 4, r".*language_model.*\.(q_proj|v_proj)", 0),
+                "mlp": _llava_adapter(base, tmp_path / "mlp", 8, r".*language_model.*\.(gate_proj|down_proj)", 1)}
+    cases = _prompts(seed=30)[:2]
+    llm = LLM(str(base), dtype="float32", num_kv_blocks=256, adapters={k: str(v) for k, v in adapters.items()},
+              max_num_batched_tokens=16)
+    names = [None, "qv", "mlp"]
+    prompts = [{"prompt": t, "multi_modal_data": {"image": ims}} for t, ims in cases]
+    batch = [(p, c, n) for p, c in zip(prompts, cases) for n in names]
+    outs = llm.generate([p for p, _, _ in batch], GREEDY, adapter=[n for _, _, n in batch])
+    for (_, (text, ims), name), out in zip(batch, outs):
+        hf = HFLlava(base)
+        if name is not None:
+            hf.model = PeftModel.from_pretrained(hf.model, adapters[name]).eval()
+        assert out.outputs[0].token_ids == hf.greedy(text, ims, MAX_NEW), name
+    assert len({tuple(o.outputs[0].token_ids) for o in outs[:3]}) == 3  # every adapter changes the answer
+    tower = _llava_adapter(base, tmp_path / "tower", 4, r".*vision_tower.*\.q_proj", 2)
+    with pytest.raises(ValueError, match="language model only, not to a vision tower"):
+        llm.load_adapter("tower", str(tower))

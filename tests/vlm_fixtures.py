@@ -69,3 +69,38 @@ def make_llava(folder: Path, tower: str = "clip", seed: int = 0) -> Path:
         proc = transformers.SiglipImageProcessor(size={"height": size, "width": size})
     proc.save_pretrained(folder)
     return folder
+
+
+class HFLlava:
+    """transformers' greedy generate, one prompt at a time, placeholders expanded as LlavaProcessor does."""
+
+    def __init__(self, folder: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> None:
+        from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
+
+        self.tok = AutoTokenizer.from_pretrained(folder)
+        self.proc = AutoImageProcessor.from_pretrained(folder)
+        self.model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(device).eval()
+        self.model.generation_config.eos_token_id = None
+        self.dtype, self.device = dtype, device
+        cfg = self.model.config
+        side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+        cls = cfg.vision_config.model_type == "clip_vision_model" and cfg.vision_feature_select_strategy == "full"
+        self.per_image = side * side + int(cls)
+
+    def greedy(self, text: str, images: list, max_new: int, gaps: list[float] | None = None) -> list[int]:
+        """Greedy tokens; `gaps` (if given) receives the top-2 logit gap of every step."""
+        token = self.model.config.image_token_id
+        ids = []
+        for t in self.tok.encode(text):
+            ids += [t] * self.per_image if t == token else [t]
+        kwargs = {}
+        if images:
+            pixels = self.proc(images=images, return_tensors="pt")["pixel_values"]
+            kwargs["pixel_values"] = pixels.to(self.device, self.dtype)
+        x = torch.tensor([ids], device=self.device)
+        out = self.model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=max_new,
+                                  pad_token_id=0, output_scores=True, return_dict_in_generate=True, **kwargs)
+        if gaps is not None:
+            top2 = [sc[0].float().topk(2).values for sc in out.scores]
+            gaps.extend((t[0] - t[1]).item() for t in top2)
+        return out.sequences[0, len(ids):].tolist()

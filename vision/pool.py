@@ -65,6 +65,7 @@ class EncoderPool:
         self._patches_per_image = (model.vision.image_size // model.vision.patch_size) ** 2
         self._cond = threading.Condition()
         self._closed = False
+        self.fail_batches = 0  # test-only (DebugHooks.fail_encodes): the next batches raise
         self._threads = [threading.Thread(target=self._work, args=(r,), name=f"lmq-vision-{r.device}", daemon=True)
                          for r in self.replicas]
         for t in self._threads:
@@ -136,6 +137,10 @@ class EncoderPool:
 
     def _encode(self, r: _Replica, images: list[torch.Tensor]) -> torch.Tensor:
         """[B, 3, S, S] on the replica's stream -> [B, tokens, hidden] on the output device, ready."""
+        with self._cond:
+            if self.fail_batches > 0:
+                self.fail_batches -= 1
+                raise RuntimeError("injected encoder failure (DebugHooks.fail_encodes)")
         if r.stream is None:
             return r.encoder(torch.stack(images).to(r.device)).to(self.out_device)
         with torch.cuda.stream(r.stream):
