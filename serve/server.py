@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import signal
 from pathlib import Path
 
@@ -63,7 +64,19 @@ def run(app: FastAPI, host: str, port: int) -> None:
     # so a requested shutdown is a clean exit rather than KeyboardInterrupt / death by SIGTERM.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
+    freeze_startup_objects()
     _server(app, host, port).run()
+
+
+def freeze_startup_objects() -> None:
+    """Move what start-up built (torch, transformers, the tokenizer, FastAPI: ~380,000 objects)
+    out of the cyclic collector's sight, as the engine process does. Otherwise every full
+    collection, which per-request garbage triggers every few seconds under load, walks all of
+    them with the GIL held: 210 ms on the development CPU, 260-370 ms stalls of every stream at
+    once on an H100 machine (BENCHMARKS.md, "Server under load"). Only for a process that is
+    the server: `run` calls it, not `make_app` (tests and notebooks embed the app)."""
+    gc.collect()
+    gc.freeze()
 
 
 class BackgroundServer:

@@ -359,3 +359,18 @@ def test_engine_process_death_is_503_and_unhealthy(tiny_models):
         _assert_error(_post(srv, "/v1/completions", {"model": MODEL, "prompt": "x"}), 503, "stopped")
     finally:
         srv.stop()
+
+
+def test_serving_takes_start_up_objects_out_of_the_collector():
+    """`lmq serve` freezes what start-up built: a full collection then walks only per-request
+    objects instead of stalling every stream for hundreds of milliseconds."""
+    import gc
+
+    from serve.server import freeze_startup_objects
+
+    before = gc.get_freeze_count()
+    try:
+        freeze_startup_objects()
+        assert gc.get_freeze_count() > before
+    finally:
+        gc.unfreeze()
