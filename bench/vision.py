@@ -88,15 +88,17 @@ def encode_throughput(llm: LLM, folder: str, batch_sizes: list[int], n_images: i
             f.result()
         lmq_s = time.perf_counter() - t
         pool.close()
-        stacked = torch.stack(pixels).cuda().to(torch.bfloat16)
+        # HF gets its batches already stacked on the host (lmq stacks per batch, from requests'
+        # images); both copy them to the GPU inside the timed region, as a server must.
+        stacked = torch.stack(pixels)
         with torch.no_grad():
             for _ in range(2):
-                hf.model.get_image_features(stacked[:b], vision_feature_layer=-2,
+                hf.model.get_image_features(stacked[:b].cuda().to(torch.bfloat16), vision_feature_layer=-2,
                                             vision_feature_select_strategy="default")
             torch.cuda.synchronize()
             t = time.perf_counter()
             for i in range(0, n_images, b):
-                hf.model.get_image_features(stacked[i:i + b], vision_feature_layer=-2,
+                hf.model.get_image_features(stacked[i:i + b].cuda().to(torch.bfloat16), vision_feature_layer=-2,
                                             vision_feature_select_strategy="default")
             torch.cuda.synchronize()
         hf_s = time.perf_counter() - t

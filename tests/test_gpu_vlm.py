@@ -28,7 +28,8 @@ def _agree(a: list[int], b: list[int]) -> int:
 @pytest.mark.parametrize("tower", list(TOWERS))
 def test_bf16_llava_matches_transformers_and_diverges_no_sooner(tmp_path, tower):
     folder = make_llava(tmp_path / tower, tower, seed=40)
-    cases = _prompts(seed=50) + _prompts(seed=60)
+    # 40 prompts: each one's divergence step is close to random, their mean much less so
+    cases = [c for seed in range(50, 130, 10) for c in _prompts(seed=seed)]
     hf32, hf16 = HFLlava(folder, torch.float32, "cuda"), HFLlava(folder, torch.bfloat16, "cuda")
     ref32 = [hf32.greedy(t, ims, NEW) for t, ims in cases]
     ref16, gaps = [], []

@@ -144,7 +144,8 @@ class EncoderPool:
         if r.stream is None:
             return r.encoder(torch.stack(images).to(r.device)).to(self.out_device)
         with torch.cuda.stream(r.stream):
-            pixels = torch.stack(images).to(r.device, non_blocking=True)
+            # Each image to the device, then stacked there: no [B, 3, S, S] copy on the host first.
+            pixels = torch.stack([im.to(r.device, non_blocking=True) for im in images])
             feats = r.encoder(pixels).to(self.out_device, non_blocking=True)
             if self.out_device.type == "cuda":  # the engine reads it on that device's default stream
                 feats.record_stream(torch.cuda.default_stream(self.out_device))
