@@ -29,6 +29,7 @@ from throughput import make_prompts
 from tqdm.auto import tqdm
 
 from lmq import LLM, SamplingParams
+from lmq.multimodal import ProcessedImage
 from lmq.weights import resolve_model
 
 
@@ -72,7 +73,7 @@ def encode_throughput(llm: LLM, folder: str, batch_sizes: list[int], n_images: i
 
     from vision.pool import EncoderPool
 
-    pixels = [p.pixel_values for p in llm.images.process(random_images(n_images, seed=1))]
+    images = llm.images.process(random_images(n_images, seed=1))
     encoder = llm.engine.encoders.replicas[0].encoder
     hf = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.bfloat16).cuda().eval()
     cfg = llm.engine.config
@@ -80,17 +81,17 @@ def encode_throughput(llm: LLM, folder: str, batch_sizes: list[int], n_images: i
     for b in tqdm(batch_sizes, desc="encode throughput", unit="batch size"):
         pool = EncoderPool(cfg.model, ["cuda"], b, "cuda", encoders=[encoder])
         for _ in range(2):  # warm-up (kernel choice), untimed
-            pool.submit(pixels[:b]).result()
+            pool.submit(images[:b]).result()
         torch.cuda.synchronize()
         t = time.perf_counter()
-        futures = [pool.submit([p]) for p in pixels]
+        futures = [pool.submit([im]) for im in images]
         for f in futures:
             f.result()
         lmq_s = time.perf_counter() - t
         pool.close()
         # HF gets its batches already stacked on the host (lmq stacks per batch, from requests'
         # images); both copy them to the GPU inside the timed region, as a server must.
-        stacked = torch.stack(pixels)
+        stacked = torch.cat([im.pixel_values for im in images])  # [N, 3, S, S]
         with torch.no_grad():
             for _ in range(2):
                 hf.model.get_image_features(stacked[:b].cuda().to(torch.bfloat16), vision_feature_layer=-2,
@@ -116,12 +117,11 @@ class InlinePool:
     def __init__(self, pool: object) -> None:
         self.pool = pool
 
-    def submit(self, images: list[torch.Tensor]) -> Future:
-        enc = self.pool.replicas[0].encoder
-        feats = enc(torch.stack(images).cuda())
+    def submit(self, images: list[ProcessedImage]) -> Future:
+        feats = self.pool.replicas[0].encoder.encode(images)
         torch.cuda.synchronize()
         f: Future = Future()
-        f.set_result(list(feats))
+        f.set_result(feats)
         return f
 
 

@@ -43,6 +43,9 @@ class VisionConfig:
     projector_bias: bool
     text_hidden_size: int
     image_token_id: int
+    # LLaVA-NeXT ("anyres"): the (height, width) resolutions an image may be tiled to, multiples of
+    # image_size; empty for LLaVA (one tile per image)
+    grid_pinpoints: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         _check(self.tower in VISION_TOWERS, "vision tower", self.tower, f"one of {', '.join(VISION_TOWERS)}")
@@ -53,17 +56,32 @@ class VisionConfig:
         for layer in self.feature_layers:
             _check(-(self.num_layers + 1) <= layer <= self.num_layers, "vision_feature_layer", layer,
                    f"a hidden-state index in [{-(self.num_layers + 1)}, {self.num_layers}]")
+        if self.grid_pinpoints and self.tokens_per_tile != self.patches_per_tile:
+            raise ValueError(f"vision_feature_select_strategy={self.select_strategy!r} with a {self.tower} tower "
+                             "does not fit LLaVA-NeXT's tile grid: each tile's features must be its patches "
+                             "('default' with CLIP, 'full' with SigLIP)")
+        for h, w in self.grid_pinpoints:
+            _check(h > 0 and w > 0 and h % self.image_size == 0 and w % self.image_size == 0,
+                   "image_grid_pinpoints", [h, w], f"positive multiples of the tower's image_size={self.image_size}")
 
     @property
     def has_class_token(self) -> bool:
         return self.tower == "clip"
 
     @property
-    def tokens_per_image(self) -> int:
-        """Placeholder tokens one image expands to: its patches, plus the class token unless the
-        select strategy drops it (as transformers' LlavaProcessor counts them)."""
-        n = (self.image_size // self.patch_size) ** 2
-        return n + int(self.has_class_token and self.select_strategy == "full")
+    def anyres(self) -> bool:
+        return bool(self.grid_pinpoints)
+
+    @property
+    def patches_per_tile(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """Features one tile gives: its patches and the class token, less the first position when
+        the select strategy is "default" (transformers drops it whatever the tower: the class token
+        of CLIP, a patch of SigLIP), as LlavaProcessor counts them. A LLaVA image is one tile."""
+        return self.patches_per_tile + int(self.has_class_token) - int(self.select_strategy == "default")
 
     @property
     def num_layers_run(self) -> int:

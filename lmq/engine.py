@@ -167,7 +167,7 @@ class LLMEngine:
             self.streaming.add(request_id)
         if images:
             req.key_prompt_ids = cache_key_ids(ids, images)
-            self.encoding[request_id] = (req, self.encoders.submit([im.pixel_values for im in images]))
+            self.encoding[request_id] = (req, self.encoders.submit([im.image for im in images]))
         else:
             self.scheduler.add(seq)
 

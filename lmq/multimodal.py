@@ -1,7 +1,9 @@
 """Images in a prompt: placeholder expansion, where each image's tokens sit, and prefix-cache keys.
 
 A chat template writes one placeholder token per image; the prompt is expanded so that each
-image owns `tokens_per_image` consecutive positions, as transformers' LlavaProcessor does:
+image owns `num_tokens` consecutive positions, as transformers' LlavaProcessor and
+LlavaNextProcessor do (LLaVA: the same count for every image; LLaVA-NeXT: a count that depends on
+the image's size, see vision.anyres):
 
     ids:       [ USER :  <img>  \\n  what  is  this ]
     expanded:  [ USER :  <img> <img> ... <img>  \\n  what  is  this ]
@@ -24,7 +26,11 @@ from lmq.config import VisionConfig
 
 @dataclass(frozen=True)
 class ProcessedImage:
-    pixel_values: torch.Tensor  # [3, S, S] float32, resized and normalized for the tower
+    """One image, preprocessed for the tower (vision.preprocess)."""
+
+    pixel_values: torch.Tensor  # [T, 3, S, S] float32, T tiles: 1 for LLaVA; LLaVA-NeXT: the whole image, then its grid
+    image_size: tuple[int, int]  # (height, width) of the original image: LLaVA-NeXT unpads its grid to it
+    num_tokens: int  # placeholder positions (= feature rows) the image fills
     content_hash: int  # < 0: see vision.preprocess.content_hash
 
 
@@ -32,10 +38,16 @@ class ProcessedImage:
 class ImageInput:
     """One image of a request and the prompt positions its features fill."""
 
-    pixel_values: torch.Tensor  # [3, S, S]
-    content_hash: int
+    image: ProcessedImage
     offset: int  # first of its positions in the expanded prompt
-    num_tokens: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.image.num_tokens
+
+    @property
+    def content_hash(self) -> int:
+        return self.image.content_hash
 
     @property
     def end(self) -> int:
@@ -52,7 +64,7 @@ class ImageEmbeds:
 
 def expand_image_tokens(ids: list[int], images: list[ProcessedImage],
                         vision: VisionConfig | None) -> tuple[list[int], list[ImageInput]]:
-    """Each placeholder -> `tokens_per_image` placeholders, one per image, in order."""
+    """Each placeholder -> its image's `num_tokens` placeholders, one image per placeholder, in order."""
     if not images:
         return ids, []
     if vision is None:
@@ -62,14 +74,13 @@ def expand_image_tokens(ids: list[int], images: list[ProcessedImage],
     if len(found) != len(images):
         raise ValueError(f"the prompt has {len(found)} image placeholder tokens (id {token}) but "
                          f"{len(images)} images were given: each image needs exactly one")
-    n = vision.tokens_per_image
     out: list[int] = []
     inputs: list[ImageInput] = []
     start = 0
     for pos, image in zip(found, images):
         out.extend(ids[start:pos])
-        inputs.append(ImageInput(image.pixel_values, image.content_hash, len(out), n))
-        out.extend([token] * n)
+        inputs.append(ImageInput(image, len(out)))
+        out.extend([token] * image.num_tokens)
         start = pos + 1
     out.extend(ids[start:])
     return out, inputs

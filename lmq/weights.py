@@ -122,6 +122,8 @@ _LLAVA_PREFIXES = (
     ("vision_tower.", "vision_tower", ""),
     ("model.multi_modal_projector.", "multi_modal_projector", ""),
     ("multi_modal_projector.", "multi_modal_projector", ""),
+    ("model.image_newline", "image_newline", "image_newline"),  # LLaVA-NeXT
+    ("image_newline", "image_newline", "image_newline"),
 )
 
 
@@ -135,7 +137,8 @@ def llava_part(name: str) -> tuple[str, str]:
 
 
 def part_weights(folder: str, part: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """The tensors of one LLaVA part ("language_model", "vision_tower", "multi_modal_projector")."""
+    """The tensors of one LLaVA part ("language_model", "vision_tower", "multi_modal_projector",
+    LLaVA-NeXT's "image_newline")."""
     def rename(name: str) -> str | None:
         got, inner = llava_part(name)
         return inner if got == part else None

@@ -14,26 +14,30 @@ from transformers import AutoConfig
 from conftest import SEED, wait_for
 from lmq import LLM, SamplingParams
 from lmq.models import model_config_from_hf
-from vision.encoder import load_encoder
+from lmq.multimodal import ProcessedImage
+from vision.encoder import VisionEncoder, load_encoder
 from vision.pool import EncoderPool
 from vlm_fixtures import make_llava
 
 
-class Gated(torch.nn.Module):
-    """An encoder that waits for `gate` before each batch and records the batch sizes."""
+class Gated:
+    """An encoder that waits for `gate` before each batch and records the batch sizes (images)."""
 
-    def __init__(self, inner: torch.nn.Module) -> None:
-        super().__init__()
+    def __init__(self, inner: VisionEncoder) -> None:
         self.inner = inner
         self.gate = threading.Event()
         self.started = threading.Event()
         self.batches: list[int] = []
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def encode(self, images: list[ProcessedImage]) -> list[torch.Tensor]:
         self.started.set()
         assert self.gate.wait(30), "the test never opened the gate"
-        self.batches.append(pixels.shape[0])
-        return self.inner(pixels)
+        self.batches.append(len(images))
+        return self.inner.encode(images)
+
+
+def image(pixels: torch.Tensor, num_tokens: int) -> ProcessedImage:
+    return ProcessedImage(pixels[None], tuple(pixels.shape[1:]), num_tokens, content_hash=-1)
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +54,10 @@ def test_dispatch_goes_to_the_least_loaded_replica_in_capped_batches(clip_llava,
     plain = load_encoder(cfg, device)
     gated = [Gated(load_encoder(cfg, device)) for _ in range(2)]
     pool = EncoderPool(cfg, [device, device], max_batch_size=2, out_device=device, encoders=gated)
-    per = (cfg.vision.image_size // cfg.vision.patch_size) ** 2
+    per = cfg.vision.patches_per_tile
     g = torch.Generator().manual_seed(SEED)
-    jobs = [[torch.randn(3, 30, 30, generator=g) for _ in range(k)] for k in (3, 1, 1, 2)]
+    jobs = [[image(torch.randn(3, 30, 30, generator=g), cfg.vision.tokens_per_tile) for _ in range(k)]
+            for k in (3, 1, 1, 2)]
     try:
         futures = [pool.submit(jobs[0])]
         assert gated[0].started.wait(30)  # replica 0 holds job 0's first batch
@@ -67,7 +72,7 @@ def test_dispatch_goes_to_the_least_loaded_replica_in_capped_batches(clip_llava,
         pool.close()
     assert pool.queued_patches() == [0, 0]
     for images, feats in zip(jobs, results):
-        torch.testing.assert_close(torch.stack(feats), plain(torch.stack(images).to(device)), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(torch.stack(feats), torch.stack(plain.encode(images)), atol=1e-4, rtol=1e-4)
     assert gated[0].batches == [2, 1]  # job 0's three images, at most two at a time
     # jobs 1-3 (four images): how they group depends on when the worker wakes, never over the cap
     assert max(gated[1].batches) <= 2 and sum(gated[1].batches) == 4

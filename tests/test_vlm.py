@@ -1,6 +1,7 @@
 """LLaVA end to end on the CPU: greedy tokens identical to transformers'
-LlavaForConditionalGeneration (float32) for CLIP and SigLIP towers, one and several images per
-prompt, odd image sizes, mixed with text-only requests, chunked prefill cutting through images;
+LlavaForConditionalGeneration and LlavaNextForConditionalGeneration (any-resolution tiles; float32)
+for CLIP and SigLIP towers, one and several images per prompt, odd image sizes, mixed with
+text-only requests, chunked prefill cutting through images;
 prefix caching keyed on image content; the offline chat API with data URLs; failures that free
 everything."""
 
@@ -25,7 +26,9 @@ GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True)
 @pytest.fixture(scope="module")
 def llava(tmp_path_factory) -> dict[str, object]:
     root = tmp_path_factory.mktemp("llava")
-    return {t: make_llava(root / t, t, seed=i) for i, t in enumerate(TOWERS)}
+    models = {t: make_llava(root / t, t, seed=i) for i, t in enumerate(TOWERS)}
+    models |= {f"next-{t}": make_llava(root / f"next-{t}", t, seed=10 + i, anyres=True) for i, t in enumerate(TOWERS)}
+    return models
 
 
 def random_images(sizes: list[tuple[int, int]], seed: int) -> list[Image.Image]:
@@ -52,21 +55,20 @@ def _prompts(seed: int) -> list[tuple[str, list[Image.Image]]]:
     return [(text, random_images(sizes, seed + i)) for i, (text, sizes) in enumerate(CASES)]
 
 
-def _gen(llm: LLM, cases: list[tuple[str, list[Image.Image]]]) -> list[list[int]]:
-    prompts = [{"prompt": t, "multi_modal_data": {"image": ims}} if ims else t for t, ims in cases]
-    return [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)]
-
-
-@pytest.mark.parametrize("tower", list(TOWERS))
+@pytest.mark.parametrize("tower", [*TOWERS, *(f"next-{t}" for t in TOWERS)])
 def test_greedy_matches_transformers_batched_with_text_and_chunked_through_images(llava, tower):
     cases = _prompts(seed=10)
     hf = HFLlava(llava[tower])
     ref = [hf.greedy(t, ims, MAX_NEW) for t, ims in cases]
     # One batch mixing image and text-only prompts; then a 16-token budget, so prefill chunks end
-    # inside images (25 or 36 positions each) and several prompts share steps.
+    # inside images (25 or 36 positions each; LLaVA-NeXT: 60 to 160) and several prompts share steps.
     for budget in (2048, 16):
         llm = LLM(str(llava[tower]), dtype="float32", num_kv_blocks=256, max_num_batched_tokens=budget)
-        assert _gen(llm, cases) == ref, f"budget {budget}"
+        prompts = [{"prompt": t, "multi_modal_data": {"image": ims}} if ims else t for t, ims in cases]
+        outs = llm.generate(prompts, GREEDY)
+        # the placeholder counts are transformers' (LLaVA-NeXT: its processor's, per image size)
+        assert [o.prompt_token_ids for o in outs] == [hf.inputs(t, ims)[0] for t, ims in cases]
+        assert [o.outputs[0].token_ids for o in outs] == ref, f"budget {budget}"
     # The images matter: other pixels change what the model says.
     other = [(t, random_images([im.size for im in ims], seed=99 + i)) for i, (t, ims) in enumerate(cases)]
     assert [hf.greedy(t, ims, MAX_NEW) for t, ims in other if ims] != [r for r, (_, ims) in zip(ref, cases) if ims]
@@ -127,19 +129,18 @@ def test_a_failing_encoder_fails_its_request_and_frees_everything(llava, monkeyp
     llm = LLM(str(llava["clip"]), dtype="float32", num_kv_blocks=64)
     engine = llm.engine
     replica = engine.encoders.replicas[0]
-    real = replica.encoder
 
     def broken(pixels: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("injected encoder failure")
 
-    replica.encoder = broken
+    monkeypatch.setattr(replica.encoder, "forward", broken)
     im = random_images([(10, 10)], seed=0)
     with pytest.raises(RuntimeError, match="injected encoder failure"):
         llm.generate(["USER: text only ASSISTANT:", {"prompt": "<image>", "multi_modal_data": {"image": im}}], GREEDY)
     assert not engine.has_unfinished() and not engine.encoding
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     engine.block_manager.check_integrity()
-    replica.encoder = real  # the engine goes on serving
+    monkeypatch.undo()  # the engine goes on serving
     assert llm.generate({"prompt": "<image>", "multi_modal_data": {"image": im}}, GREEDY)[0].outputs[0].token_ids
 
 

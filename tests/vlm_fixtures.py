@@ -1,5 +1,6 @@
-"""Tiny random LLaVA folders (CLIP or SigLIP tower over a tiny Llama) with a tokenizer that knows
-`<image>`, the LLaVA chat template and the tower's image processor config, built fresh per run."""
+"""Tiny random LLaVA and LLaVA-NeXT folders (CLIP or SigLIP tower over a tiny Llama) with a
+tokenizer that knows `<image>`, the LLaVA chat template and the tower's image processor config,
+built fresh per run."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ TOWERS = {
                                hidden_act="gelu_pytorch_tanh", vision_use_head=False),
                    llava=dict(vision_feature_layer=[-1, 1], vision_feature_select_strategy="full")),
 }
+# LLaVA-NeXT grids for the tiny towers: 1x2, 2x1, 2x2 and 1x3 tiles of the tower's image size
+PINPOINTS = ((1, 2), (2, 1), (2, 2), (1, 3))
 
 
 def image_token_id(folder: Path) -> int:
@@ -36,11 +39,11 @@ def image_token_id(folder: Path) -> int:
     return AutoTokenizer.from_pretrained(folder).convert_tokens_to_ids(IMAGE_TOKEN)
 
 
-def make_llava(folder: Path, tower: str = "clip", seed: int = 0) -> Path:
-    """A LlavaForConditionalGeneration folder with random weights (initializer_range 0.1, so that
-    greedy tokens depend on the image)."""
+def make_llava(folder: Path, tower: str = "clip", seed: int = 0, anyres: bool = False) -> Path:
+    """A LlavaForConditionalGeneration folder (anyres: LlavaNextForConditionalGeneration) with
+    random weights (initializer_range 0.1, so that greedy tokens depend on the image)."""
     import transformers
-    from transformers import AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import AutoTokenizer
 
     make_tokenizer(folder)
     tok = AutoTokenizer.from_pretrained(folder)
@@ -50,11 +53,16 @@ def make_llava(folder: Path, tower: str = "clip", seed: int = 0) -> Path:
     spec = TOWERS[tower]
     vcfg = transformers.AutoConfig.for_model(**spec["vision"], initializer_range=0.1)
     text = transformers.LlamaConfig(**{**BASE, "tie_word_embeddings": False})
-    cfg = LlavaConfig(vision_config=vcfg.to_dict(), text_config=text.to_dict(),
-                      image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN), projector_hidden_act="gelu",
-                      initializer_range=0.1, **spec["llava"])
+    size = spec["vision"]["image_size"]
+    pinpoints = [[r * size, c * size] for r, c in PINPOINTS]
+    kind = "LlavaNext" if anyres else "Llava"
+    config_cls = getattr(transformers, f"{kind}Config")
+    model_cls = getattr(transformers, f"{kind}ForConditionalGeneration")
+    cfg = config_cls(vision_config=vcfg.to_dict(), text_config=text.to_dict(),
+                     image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN), projector_hidden_act="gelu",
+                     initializer_range=0.1, **spec["llava"], **({"image_grid_pinpoints": pinpoints} if anyres else {}))
     torch.manual_seed(SEED + 100 + seed)
-    model = LlavaForConditionalGeneration(cfg).eval()
+    model = model_cls(cfg).eval()
     with torch.no_grad():  # transformers' init leaves norms and biases at constants: randomize every tensor
         for name, p in model.named_parameters():
             if "norm" in name and name.endswith("weight"):
@@ -62,8 +70,11 @@ def make_llava(folder: Path, tower: str = "clip", seed: int = 0) -> Path:
             else:
                 p.normal_(0.0, 0.1 if p.dim() > 1 or "class_embedding" in name else 0.02)
     model.save_pretrained(folder)
-    size = spec["vision"]["image_size"]
-    if tower == "clip":
+    if anyres:
+        proc = transformers.LlavaNextImageProcessor(size={"shortest_edge": size},
+                                                    crop_size={"height": size, "width": size},
+                                                    image_grid_pinpoints=pinpoints)
+    elif tower == "clip":
         proc = transformers.CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     else:
         proc = transformers.SiglipImageProcessor(size={"height": size, "width": size})
@@ -72,31 +83,53 @@ def make_llava(folder: Path, tower: str = "clip", seed: int = 0) -> Path:
 
 
 class HFLlava:
-    """transformers' greedy generate, one prompt at a time, placeholders expanded as LlavaProcessor does."""
+    """transformers' greedy generate, one prompt at a time, placeholders expanded as LlavaProcessor
+    does (LLaVA-NeXT: by transformers' own LlavaNextProcessor, an independent count)."""
 
     def __init__(self, folder: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> None:
-        from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
+        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
         self.tok = AutoTokenizer.from_pretrained(folder)
         self.proc = AutoImageProcessor.from_pretrained(folder)
-        self.model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(device).eval()
+        self.anyres = AutoConfig.from_pretrained(folder).model_type == "llava_next"
+        if self.anyres:
+            from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor
+
+            model_cls = LlavaNextForConditionalGeneration
+        else:
+            model_cls = LlavaForConditionalGeneration
+        self.model = model_cls.from_pretrained(folder, dtype=dtype).to(device).eval()
         self.model.generation_config.eos_token_id = None
         self.dtype, self.device = dtype, device
         cfg = self.model.config
+        clip = cfg.vision_config.model_type == "clip_vision_model"
+        if self.anyres:
+            self.processor = LlavaNextProcessor(
+                image_processor=self.proc, tokenizer=self.tok, patch_size=cfg.vision_config.patch_size,
+                vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                num_additional_image_tokens=int(clip), image_token=IMAGE_TOKEN)
         side = cfg.vision_config.image_size // cfg.vision_config.patch_size
-        cls = cfg.vision_config.model_type == "clip_vision_model" and cfg.vision_feature_select_strategy == "full"
-        self.per_image = side * side + int(cls)
+        self.per_image = side * side + int(clip and cfg.vision_feature_select_strategy == "full")
 
-    def greedy(self, text: str, images: list, max_new: int, gaps: list[float] | None = None) -> list[int]:
-        """Greedy tokens; `gaps` (if given) receives the top-2 logit gap of every step."""
+    def inputs(self, text: str, images: list) -> tuple[list[int], dict]:
+        """The expanded prompt ids and the model's image inputs."""
+        if self.anyres and images:
+            out = self.processor(text=text, images=images, return_tensors="pt")
+            kwargs = {"pixel_values": out["pixel_values"].to(self.device, self.dtype),
+                      "image_sizes": out["image_sizes"].to(self.device)}
+            return out["input_ids"][0].tolist(), kwargs
         token = self.model.config.image_token_id
         ids = []
         for t in self.tok.encode(text):
             ids += [t] * self.per_image if t == token else [t]
-        kwargs = {}
-        if images:
-            pixels = self.proc(images=images, return_tensors="pt")["pixel_values"]
-            kwargs["pixel_values"] = pixels.to(self.device, self.dtype)
+        if not images:
+            return ids, {}
+        pixels = self.proc(images=images, return_tensors="pt")["pixel_values"]
+        return ids, {"pixel_values": pixels.to(self.device, self.dtype)}
+
+    def greedy(self, text: str, images: list, max_new: int, gaps: list[float] | None = None) -> list[int]:
+        """Greedy tokens; `gaps` (if given) receives the top-2 logit gap of every step."""
+        ids, kwargs = self.inputs(text, images)
         x = torch.tensor([ids], device=self.device)
         out = self.model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=max_new,
                                   pad_token_id=0, output_scores=True, return_dict_in_generate=True, **kwargs)

@@ -1,10 +1,11 @@
 """VisionEncoder: a LLaVA model's tower + feature selection + projector, image -> LM embeddings.
 
-    pixel_values [N, 3, S, S] -> tower hidden states at `feature_layers` ([N, 1 + P, Dv] each,
-    without the class token for SigLIP) -> drop the class token ("default") -> concatenate on the
-    last dim [N, tokens, Dv * layers] -> projector (linear, act, linear) -> [N, tokens, D_text]
+    pixel_values [N, 3, S, S] (N tiles) -> tower hidden states at `feature_layers` ([N, 1 + P, Dv]
+    each, without the class token for SigLIP) -> "default" drops the first position ->
+    concatenate on the last dim [N, tokens, Dv * layers] -> projector (linear, act, linear)
+    -> [N, tokens, D_text]; LLaVA-NeXT then packs each image's tiles (vision.anyres)
 
-as transformers' `LlavaModel.get_image_features` computes it.
+as transformers' `LlavaModel.get_image_features` and `LlavaNextModel.get_image_features` compute it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import torch
 from torch import nn
 
 from lmq.config import ModelConfig, VisionConfig
+from lmq.multimodal import ProcessedImage
 from lmq.weights import part_weights
+from vision import anyres
 from vision.tower import build_tower, load_tower_weights, tower_hidden_states
 
 
@@ -37,16 +40,30 @@ class VisionEncoder(nn.Module):
         self.cfg = cfg
         self.tower = build_tower(cfg)
         self.projector = Projector(cfg)
+        # LLaVA-NeXT: the embedding written after every row of an image's tile grid
+        self.image_newline = nn.Parameter(torch.zeros(cfg.text_hidden_size)) if cfg.anyres else None
 
     @torch.inference_mode()
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values: [N, 3, S, S] (any dtype) -> [N, tokens_per_image, text_hidden] in the encoder's dtype."""
+        """pixel_values: [N, 3, S, S] tiles (any dtype) -> [N, tokens_per_tile, text_hidden] in the encoder's dtype."""
         cfg = self.cfg
         dtype = self.projector.linear_1.weight.dtype
         states = tower_hidden_states(self.tower, pixel_values.to(dtype), cfg.feature_layers, cfg.num_layers)
-        if cfg.has_class_token and cfg.select_strategy == "default":
+        if cfg.select_strategy == "default":
             states = [s[:, 1:] for s in states]
         return self.projector(torch.cat(states, dim=-1))
+
+    @torch.inference_mode()
+    def encode(self, images: list[ProcessedImage]) -> list[torch.Tensor]:
+        """Images (on any device) -> each image's features [num_tokens, text_hidden] on the
+        encoder's device: every tile of every image in one tower batch."""
+        device = self.projector.linear_1.weight.device
+        # each image to the device, then concatenated there: no copy of the whole batch on the host
+        pixels = torch.cat([im.pixel_values.to(device, non_blocking=True) for im in images])
+        feats = self(pixels).split([im.pixel_values.shape[0] for im in images])  # [T_i, tokens_per_tile, D] each
+        if not self.cfg.anyres:
+            return [f[0] for f in feats]
+        return [anyres.pack(self.cfg, f, im.image_size, self.image_newline) for f, im in zip(feats, images)]
 
 
 def load_encoder(model: ModelConfig, device: str | torch.device) -> VisionEncoder:
@@ -61,4 +78,11 @@ def load_encoder(model: ModelConfig, device: str | torch.device) -> VisionEncode
         enc.projector.load_state_dict(proj)
     except RuntimeError as e:
         raise ValueError(f"the checkpoint's projector weights do not fit its config: {e}") from None
+    if enc.image_newline is not None:
+        newline = dict(part_weights(model.path, "image_newline")).get("image_newline")
+        if newline is None or newline.shape != enc.image_newline.shape:
+            raise ValueError(f"{model.path} is a LLaVA-NeXT model without an image_newline weight of shape "
+                             f"({model.vision.text_hidden_size},)")
+        with torch.no_grad():
+            enc.image_newline.copy_(newline)
     return enc.to(model.dtype).eval()

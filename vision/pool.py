@@ -2,9 +2,10 @@
 
     engine thread                          replica 0 (cuda:0)      replica 1 (cuda:1) ...
     submit(request's images) ─► the replica with the fewest queued patches
-                                           worker: take queued images up to max_batch_size,
-                                           encode on its own CUDA stream, move the features
-                                           to the LLM's device, complete each request's Future
+                                           worker: take queued images up to max_batch_size
+                                           (all their tiles in one tower batch), encode on its
+                                           own CUDA stream, move the features to the LLM's
+                                           device, complete each request's Future
     each step: collect the done Futures (never waits while other work can run)
 
 torch kernels release the GIL, so a replica encodes while the engine thread keeps launching
@@ -23,15 +24,16 @@ from dataclasses import dataclass, field
 import torch
 
 from lmq.config import ModelConfig
+from lmq.multimodal import ProcessedImage
 
 log = logging.getLogger("lmq")
 
 
 @dataclass(eq=False)
 class _Job:
-    images: list[torch.Tensor]  # [3, S, S] each
-    future: Future  # -> list of [tokens, hidden] on the output device, one per image
-    patches: int  # cost used for balancing: images x patches per image
+    images: list[ProcessedImage]
+    future: Future  # -> list of [num_tokens, hidden] on the output device, one per image
+    patches: int  # cost used for balancing: the images' tiles x patches per tile
     taken: int = 0  # images handed to a batch so far
     results: list[torch.Tensor | None] = field(default_factory=list)
 
@@ -62,7 +64,7 @@ class EncoderPool:
         self.out_device = torch.device(out_device)
         encoders = encoders or [load_encoder(model, d) for d in devices]
         self.replicas = [_Replica(enc, torch.device(d)) for enc, d in zip(encoders, devices)]
-        self._patches_per_image = (model.vision.image_size // model.vision.patch_size) ** 2
+        self._patches_per_tile = model.vision.patches_per_tile
         self._cond = threading.Condition()
         self._closed = False
         self.fail_batches = 0  # test-only (DebugHooks.fail_encodes): the next batches raise
@@ -72,9 +74,12 @@ class EncoderPool:
             t.start()
         log.info("lmq: vision encoder on %s, batches of up to %d images", ", ".join(devices), max_batch_size)
 
-    def submit(self, images: list[torch.Tensor]) -> Future:
+    def _patches(self, images: list[ProcessedImage]) -> int:
+        return sum(im.pixel_values.shape[0] for im in images) * self._patches_per_tile
+
+    def submit(self, images: list[ProcessedImage]) -> Future:
         """Queue one request's images on the least-loaded replica; the Future gives their features."""
-        job = _Job(list(images), Future(), len(images) * self._patches_per_image, results=[None] * len(images))
+        job = _Job(list(images), Future(), self._patches(images), results=[None] * len(images))
         with self._cond:
             if self._closed:
                 raise RuntimeError("the encoder pool is closed")
@@ -116,13 +121,14 @@ class EncoderPool:
 
     def _work(self, r: _Replica) -> None:
         while (batch := self._next_batch(r)) is not None:
+            images = [job.images[i] for job, i in batch]
             try:
-                feats = self._encode(r, [job.images[i] for job, i in batch])
+                feats = self._encode(r, images)
             except Exception as e:  # one bad batch fails its requests, never the pool
                 log.exception("lmq: vision encoder failed on %s", r.device)
                 feats, error = None, e
             with self._cond:
-                r.queued_patches -= len(batch) * self._patches_per_image
+                r.queued_patches -= self._patches(images)
                 r.images_encoded += len(batch)
                 r.batches += 1
             for k, (job, i) in enumerate(batch):
@@ -135,19 +141,18 @@ class EncoderPool:
                 if all(x is not None for x in job.results):
                     job.future.set_result(job.results)
 
-    def _encode(self, r: _Replica, images: list[torch.Tensor]) -> torch.Tensor:
-        """[B, 3, S, S] on the replica's stream -> [B, tokens, hidden] on the output device, ready."""
+    def _encode(self, r: _Replica, images: list[ProcessedImage]) -> list[torch.Tensor]:
+        """Images, on the replica's stream -> [num_tokens, hidden] each on the output device, ready."""
         with self._cond:
             if self.fail_batches > 0:
                 self.fail_batches -= 1
                 raise RuntimeError("injected encoder failure (DebugHooks.fail_encodes)")
         if r.stream is None:
-            return r.encoder(torch.stack(images).to(r.device)).to(self.out_device)
+            return [f.to(self.out_device) for f in r.encoder.encode(images)]
         with torch.cuda.stream(r.stream):
-            # Each image to the device, then stacked there: no [B, 3, S, S] copy on the host first.
-            pixels = torch.stack([im.to(r.device, non_blocking=True) for im in images])
-            feats = r.encoder(pixels).to(self.out_device, non_blocking=True)
-            if self.out_device.type == "cuda":  # the engine reads it on that device's default stream
-                feats.record_stream(torch.cuda.default_stream(self.out_device))
+            feats = [f.to(self.out_device, non_blocking=True) for f in r.encoder.encode(images)]
+            if self.out_device.type == "cuda":  # the engine reads them on that device's default stream
+                for f in feats:
+                    f.record_stream(torch.cuda.default_stream(self.out_device))
         r.stream.synchronize()
         return feats

@@ -14,7 +14,8 @@ ARCHITECTURES: dict[str, type[LlamaForCausalLM]] = {
     "Qwen3ForCausalLM": LlamaForCausalLM,
 }
 _ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-VISION_LANGUAGE = ("LlavaForConditionalGeneration",)  # a vision tower + projector over one of ARCHITECTURES
+# a vision tower + projector over one of ARCHITECTURES (LLaVA-NeXT: images tiled at any resolution)
+VISION_LANGUAGE = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
 _TEXT_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                      "qwen3": "Qwen3ForCausalLM"}
 _VISION_MODEL_TYPES = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}
@@ -74,7 +75,7 @@ def _eos_ids(hf_config: object, generation_eos: object) -> tuple[int, ...]:
 
 
 def vision_config_from_hf(path: str, hf_config: object) -> VisionConfig:
-    """A LLaVA config.json's vision side."""
+    """A LLaVA or LLaVA-NeXT config.json's vision side."""
     v, t = hf_config.vision_config, hf_config.text_config
     tower = _VISION_MODEL_TYPES.get(v.model_type)
     if tower is None:
@@ -88,7 +89,8 @@ def vision_config_from_hf(path: str, hf_config: object) -> VisionConfig:
         feature_layers=(layer,) if isinstance(layer, int) else tuple(layer),
         select_strategy=hf_config.vision_feature_select_strategy, projector_act=hf_config.projector_hidden_act,
         projector_bias=bool(getattr(hf_config, "multimodal_projector_bias", True)), text_hidden_size=t.hidden_size,
-        image_token_id=hf_config.image_token_id)
+        image_token_id=hf_config.image_token_id,
+        grid_pinpoints=tuple(tuple(p) for p in getattr(hf_config, "image_grid_pinpoints", None) or ()))
 
 
 def _text_config(path: str, hf_config: object) -> tuple[str, object, VisionConfig | None]:
