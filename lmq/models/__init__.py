@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lmq.config import SUPPORTED_DTYPES, ModelConfig, VisionConfig
+from lmq.config import SUPPORTED_DTYPES, ModelConfig, QuantConfig, VisionConfig
 from lmq.models.llama import LlamaForCausalLM
 
 ARCHITECTURES: dict[str, type[LlamaForCausalLM]] = {
@@ -93,6 +93,27 @@ def vision_config_from_hf(path: str, hf_config: object) -> VisionConfig:
         grid_pinpoints=tuple(tuple(p) for p in getattr(hf_config, "image_grid_pinpoints", None) or ()))
 
 
+def quant_config_from_hf(path: str, hf_config: object) -> QuantConfig | None:
+    """An AWQ checkpoint's quantization_config (AutoAWQ's GEMM version); None for a plain one."""
+    q = getattr(hf_config, "quantization_config", None)
+    if not q:
+        return None
+    q = q if isinstance(q, dict) else q.to_dict()
+    method = q.get("quant_method")
+    if method != "awq":
+        raise ValueError(f"{path}/config.json: quantization_config.quant_method={method!r} is not supported: "
+                         "lmq loads AWQ checkpoints ('awq')")
+    version = str(q.get("version", "gemm")).lower()
+    if version != "gemm":
+        raise ValueError(f"{path}/config.json: AWQ version={version!r} is not supported: only 'gemm'")
+    skipped = q.get("modules_to_not_convert") or []
+    if any(not m.startswith(("vision_tower", "multi_modal_projector", "lm_head")) for m in skipped):
+        raise ValueError(f"{path}/config.json: modules_to_not_convert={skipped} leaves language-model linears "
+                         "unquantized, which lmq does not support")
+    bits, group = q.get("bits", q.get("w_bit", 4)), q.get("group_size", q.get("q_group_size", 128))
+    return QuantConfig("awq", int(bits), int(group), bool(q.get("zero_point", True)))
+
+
 def _text_config(path: str, hf_config: object) -> tuple[str, object, VisionConfig | None]:
     """(language-model architecture, its config, the vision side or None) of any supported folder."""
     archs = getattr(hf_config, "architectures", None) or []
@@ -140,4 +161,5 @@ def model_config_from_hf(path: str, hf_config: object, dtype: str | torch.dtype,
         rope_attention_scaling=scaling,
         eos_token_ids=_eos_ids(c, generation_eos),
         vision=vision,
+        quant=quant_config_from_hf(path, outer),
     )

@@ -3,8 +3,9 @@ window), Qwen2 (qkv bias), Qwen3 (per-head q/k RMSNorm). Written against the ops
 `ops` is torch_engine.ops or turbomind.ops, and this file never knows which.
 
 Projections are fused: q|k|v in one matrix, gate|up in another (HF checkpoints are split;
-`load_weights` copies each part into its slice). With LoRA enabled, each projection also holds
-a `LoRAStack` of every slot's adapter weights, laid out by the same parts.
+`load_weights` copies each part into its slice: rows of a dense weight, columns of AWQ's packed
+[in, out / 8] tensors). With LoRA enabled, each projection also holds a `LoRAStack` of every
+slot's adapter weights, laid out by the same parts.
 """
 
 from __future__ import annotations
@@ -16,27 +17,51 @@ import torch
 from torch import nn
 
 from lmq.attention import AttentionMetadata
-from lmq.config import LoRAConfig, ModelConfig
+from lmq.config import LoRAConfig, ModelConfig, QuantConfig
 from lmq.multimodal import ImageEmbeds
 from lora.adapter import PROJECTIONS, LoRAAdapter
 from lora.ops import LoRAMetadata, LoRAStack
 
 
-def _param(*shape: int) -> nn.Parameter:
-    return nn.Parameter(torch.empty(*shape), requires_grad=False)
+def _param(*shape: int, dtype: torch.dtype | None = None) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+
+AWQ_TENSORS = ("qweight", "qzeros", "scales")
 
 
 class Linear(nn.Module):
-    def __init__(self, parts: list[int], in_features: int, bias: bool = False) -> None:
-        """parts: output rows of each fused part (one entry for an unfused projection)."""
+    def __init__(self, parts: list[int], in_features: int, bias: bool = False,
+                 quant: QuantConfig | None = None) -> None:
+        """parts: output rows of each fused part (one entry for an unfused projection).
+        quant: AWQ's 4-bit layout (quant_tools/awq_format.py) in place of a dense weight."""
         super().__init__()
-        self.parts = parts
-        self.weight = _param(sum(parts), in_features)
-        self.bias = _param(sum(parts)) if bias else None
+        self.parts, self.in_features, self.quant = parts, in_features, quant
+        out = sum(parts)
+        if quant is None:
+            self.weight = _param(out, in_features)
+        else:
+            groups = in_features // quant.group_size
+            self.qweight = _param(in_features, out // 8, dtype=torch.int32)
+            self.qzeros = _param(groups, out // 8, dtype=torch.int32)
+            self.scales = _param(groups, out)
+        self.bias = _param(out) if bias else None
         self.lora: LoRAStack | None = None
 
     def forward(self, ops: ModuleType, x: torch.Tensor, lora: LoRAMetadata | None) -> torch.Tensor:
-        return ops.linear(x, self.weight, self.bias, self.lora, lora)
+        if self.quant is None:
+            return ops.linear(x, self.weight, self.bias, self.lora, lora)
+        return ops.awq_linear(x, self.qweight, self.qzeros, self.scales, self.quant.group_size, self.bias,
+                              self.lora, lora)
+
+    def part_index(self, kind: str, rows: slice | None) -> tuple[slice, ...] | None:
+        """Where output rows `rows` of the fused matrix sit in its tensor `kind`."""
+        if rows is None:
+            return None
+        if kind in ("weight", "bias"):
+            return (rows,)
+        per = 1 if kind == "scales" else 8  # qweight / qzeros: eight output columns per int32
+        return (slice(None), slice(rows.start // per, rows.stop // per))
 
 
 class DecoderLayer(nn.Module):
@@ -45,12 +70,13 @@ class DecoderLayer(nn.Module):
         h, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.cfg = cfg
         self.window = cfg.sliding_windows[layer_idx]
-        self.qkv_proj = Linear([h * d, hkv * d, hkv * d], cfg.hidden_size, bias=cfg.attention_bias)
-        self.o_proj = Linear([cfg.hidden_size], h * d)
+        q = cfg.quant
+        self.qkv_proj = Linear([h * d, hkv * d, hkv * d], cfg.hidden_size, bias=cfg.attention_bias, quant=q)
+        self.o_proj = Linear([cfg.hidden_size], h * d, quant=q)
         self.q_norm = _param(d) if cfg.qk_norm else None
         self.k_norm = _param(d) if cfg.qk_norm else None
-        self.gate_up_proj = Linear([cfg.intermediate_size] * 2, cfg.hidden_size)
-        self.down_proj = Linear([cfg.hidden_size], cfg.intermediate_size)
+        self.gate_up_proj = Linear([cfg.intermediate_size] * 2, cfg.hidden_size, quant=q)
+        self.down_proj = Linear([cfg.hidden_size], cfg.intermediate_size, quant=q)
         self.input_layernorm = _param(cfg.hidden_size)
         self.post_attention_layernorm = _param(cfg.hidden_size)
 
@@ -116,7 +142,7 @@ class LlamaForCausalLM(nn.Module):
         w = self.embed_tokens
         for layer in self.layers:
             for lin in layer.projections().values():
-                lin.lora = LoRAStack(lin.parts, lin.weight.shape[1], config.max_lora_rank, config.max_loras,
+                lin.lora = LoRAStack(lin.parts, lin.in_features, config.max_lora_rank, config.max_loras,
                                      w.dtype, w.device)
 
     def load_lora_slot(self, slot: int, adapter: LoRAAdapter | None) -> None:
@@ -131,8 +157,8 @@ class LlamaForCausalLM(nn.Module):
             self.layers[i].projections()[fused].lora.set(slot, part, m.a, m.bt)  # copy_ casts to the stack dtype
 
     # -- weights -------------------------------------------------------------------------------
-    def _targets(self, name: str) -> tuple[torch.Tensor, slice | None] | None:
-        """HF parameter name -> (our tensor, row slice of a fused matrix or None)."""
+    def _targets(self, name: str) -> tuple[torch.Tensor, tuple[slice, ...] | None] | None:
+        """HF parameter name -> (our tensor, where the part sits in it, or None for all of it)."""
         cfg = self.cfg
         qd, kvd, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
         name = name.removeprefix("model.")
@@ -164,11 +190,11 @@ class LlamaForCausalLM(nn.Module):
         if rest in plain and plain[rest] is not None:
             return plain[rest], None
         module, kind = rest.rsplit(".", 1)
-        if module in fused and kind in ("weight", "bias"):
+        if module in fused and kind in ("weight", "bias", *AWQ_TENSORS):
             lin, rows = fused[module]
-            target = getattr(lin, kind)
+            target = getattr(lin, kind, None)
             if target is not None:
-                return target, rows
+                return target, lin.part_index(kind, rows)
         raise ValueError(f"unexpected weight {name!r} for {cfg.architecture}")
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -180,8 +206,8 @@ class LlamaForCausalLM(nn.Module):
             target = self._targets(name)
             if target is None:
                 continue
-            param, rows = target
-            dst = param.data if rows is None else param.data[rows]
+            param, index = target
+            dst = param.data if index is None else param.data[index]
             if dst.shape != tensor.shape:
                 raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}")
             dst.copy_(tensor)
