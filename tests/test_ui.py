@@ -1,0 +1,221 @@
+"""The web chat, for real: `lmq serve --ui`'s app (uvicorn on a free loopback port, the page at
+/ui behind the API-key login) driven in headless Chromium. Answers are compared with the API's
+answers to the same requests; the stop button must make the server free the request."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import PROMPTS, held_after, wait_for
+from lmq.llm import build_engine_config
+from serve.server import BackgroundServer, make_app
+from test_server_vision import png, random_image
+from ui_driver import CHROMIUM, ChatPage, alnum
+
+pytest.importorskip("gradio", reason="the web chat needs the `ui` extra: pip install -e '.[ui]'")
+sync_api = pytest.importorskip("playwright.sync_api", reason="the browser tests need playwright (dev extra)")
+if not Path(CHROMIUM).exists():
+    pytest.skip(f"no browser at {CHROMIUM}: `make browser` installs Debian's chromium (needs root and apt)",
+                allow_module_level=True)
+
+from ui.mount import mount_ui  # noqa: E402  (after the skip: gradio is optional)
+
+BASE = "tiny"
+KEY, OTHER_KEY = "sk-ui-test", "sk-ui-other"
+ADAPTERS = ("qv4", "all8")
+MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models, lora_adapters):
+    # One sequence slot and a queue of one: a held request and one waiting fill the server (429).
+    config = build_engine_config(str(tiny_models["llama"]), device="cpu", kv_cache_gb=0.05, max_model_len=512,
+                                 enable_lora=True, max_loras=2, max_num_seqs=1)
+    app = make_app(config, BASE, (KEY, OTHER_KEY), max_queue_len=1,
+                   adapters={n: lora_adapters[n] for n in ADAPTERS})
+    srv = BackgroundServer(mount_ui(app, (KEY, OTHER_KEY)))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def new_page(browser, request):
+    """Opens pages in fresh browser contexts (separate cookies: separate sessions); screenshots
+    of each go to tests/artifacts/ when the test ends, pass or fail."""
+    contexts = []
+
+    def make(url: str) -> ChatPage:
+        ctx = browser.new_context(viewport={"width": 1280, "height": 800})
+        contexts.append(ctx)
+        return ChatPage(ctx.new_page(), url)
+
+    yield make
+    for i, ctx in enumerate(contexts):
+        for page in ctx.pages:
+            ChatPage(page, "").screenshot(f"{request.node.name}-{i}")
+        ctx.close()
+
+
+def _engine(srv):
+    return srv.app.state.router.base.engine
+
+
+def _wait_idle(srv) -> None:
+    def idle() -> bool:
+        s = _engine(srv).stats()
+        return s.num_free_blocks == s.num_blocks and s.num_running == 0 and s.num_waiting == 0
+
+    wait_for(idle, "engine idle: every KV block free, nothing running or waiting")
+    _engine(srv).call_blocking("block_manager.check_integrity", timeout=10)
+
+
+def api_answer(srv, model: str, messages: list[dict], key: str = KEY, max_tokens: int = MAX_TOKENS) -> dict:
+    body = {"model": model, "messages": messages, "temperature": 0, "max_tokens": max_tokens}
+    resp = httpx.post(srv.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"},
+                      timeout=60)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def answer_text(srv, model: str, prompt: str) -> str:
+    return api_answer(srv, model, [{"role": "user", "content": prompt}])["choices"][0]["message"]["content"]
+
+
+def visible_prompt(srv, model: str = BASE) -> str:
+    """A prompt whose greedy answer shows letters or digits: a random model's answer may be all
+    bytes that render as nothing comparable."""
+    for prompt in PROMPTS:
+        if len(alnum(answer_text(srv, model, prompt))) >= 3:
+            return prompt
+    pytest.fail(f"no prompt of {PROMPTS} gets an answer with letters from {model!r}")
+
+
+def _chat(srv, new_page, user: str = "tester", key: str = KEY) -> ChatPage:
+    chat = new_page(srv.url + "/ui/").open(user, key)
+    chat.greedy(MAX_TOKENS)
+    return chat
+
+
+# -- text chat -----------------------------------------------------------------------------
+def test_streamed_answer_equals_the_apis(server, new_page):
+    chat = _chat(server, new_page)
+    prompt = visible_prompt(server)
+    assert chat.model_choices() == [BASE, *ADAPTERS]
+    _engine(server).set_debug_hooks(step_delay=0.05)  # slow steps: the page shows the answer growing
+    try:
+        chat.send_nowait(prompt)
+        chat.page.wait_for_function(
+            "(() => { const b = document.querySelectorAll('#chat [data-testid=bot]');"
+            " return b.length === 1 && b[0].innerText.trim().length > 0"
+            " && !document.querySelector('#status').innerText.includes('completion tokens'); })()",
+            timeout=60_000)  # part of the answer shown while it is still being generated
+        chat.wait_answer(1)
+    finally:
+        _engine(server).set_debug_hooks()
+    ref = api_answer(server, BASE, [{"role": "user", "content": prompt}])
+    text = ref["choices"][0]["message"]["content"]
+    assert alnum(chat.bot_texts()[0]) == alnum(text) and alnum(text)
+    assert chat.stats() == (ref["usage"]["prompt_tokens"], ref["usage"]["completion_tokens"])
+    chat.screenshot("chat")
+    _wait_idle(server)
+
+
+def test_adapter_answer_equals_the_apis_for_that_adapter(server, new_page):
+    chat = _chat(server, new_page)
+    pairs = ((p, a) for p in PROMPTS for a in ADAPTERS)
+    for prompt, adapter in pairs:  # an adapter answer with letters, other than the base model's
+        ref = answer_text(server, adapter, prompt)
+        if len(alnum(ref)) >= 3 and alnum(ref) != alnum(answer_text(server, BASE, prompt)):
+            break
+    else:
+        pytest.fail("no adapter answer differs visibly from the base model's: the adapters change nothing")
+    chat.pick_model(adapter)
+    chat.send(prompt)
+    assert alnum(chat.bot_texts()[-1]) == alnum(ref)
+    assert adapter in chat.status()
+    _wait_idle(server)
+
+
+def test_stop_aborts_the_request_on_the_server(server, new_page):
+    chat = _chat(server, new_page)
+    chat.set_number("max_tokens", 400)
+    engine = _engine(server)
+    before = engine.stats().num_aborted
+    with held_after(engine, 3):  # the answer is still running when stop is pressed, on any machine
+        chat.send_nowait(PROMPTS[0])
+        wait_for(lambda: engine.stats().num_running == 1, "the page's request runs on the engine")
+        chat.click("stop")
+        chat.wait_status("Stopped.", "the page shows the answer stopped")
+        wait_for(lambda: engine.stats().num_aborted == before + 1, "the server aborts the stopped request")
+        s = engine.stats()
+        assert s.num_running == 0 and s.num_waiting == 0 and s.num_free_blocks == s.num_blocks, s
+    metrics = httpx.get(server.url + "/metrics").text
+    assert "lmq_num_requests_running 0.0" in metrics and "lmq_num_requests_waiting 0.0" in metrics
+    chat.send("and then?")  # the chat goes on after a stop
+    assert "completion tokens" in chat.status() and len(chat.user_texts()) == 2
+    _wait_idle(server)
+
+
+def test_queue_full_is_shown_and_the_chat_goes_on(server, new_page):
+    chat = _chat(server, new_page)
+    prompt = visible_prompt(server)
+    engine = _engine(server)
+    auth = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": BASE, "prompt": "The quick", "max_tokens": 400, "ignore_eos": True, "stream": True,
+            "logprobs": 0}
+    with held_after(engine, 2), httpx.stream("POST", server.url + "/v1/completions", json=body, headers=auth,
+                                             timeout=60) as running:
+        lines = running.iter_lines()
+        next(lines)  # running and held: it keeps the only sequence slot
+        waiting = threading.Thread(target=httpx.post, args=(server.url + "/v1/completions",),
+                                   kwargs={"json": {**body, "stream": False}, "headers": auth, "timeout": 60})
+        waiting.start()
+        wait_for(lambda: engine.stats().num_waiting == 1, "a second request waits in the queue of one")
+        chat.send(prompt)
+        assert "429" in chat.status() and "queue is full" in chat.status()
+        assert "queue is full" in chat.bot_texts()[-1]
+    waiting.join(60)
+    _wait_idle(server)
+    chat.click("retry")  # the refused turn asks again, now that the server has room
+    chat.wait_status("completion tokens", "the retried turn answered")
+    assert "completion tokens" in chat.status()
+    assert alnum(chat.bot_texts()[-1]) == alnum(answer_text(server, BASE, prompt))
+    _wait_idle(server)
+
+
+def test_unknown_adapter_and_image_to_a_text_model_are_shown(server, new_page, tmp_path, lora_adapters):
+    chat = _chat(server, new_page)
+    prompt = visible_prompt(server)
+    image = tmp_path / "cat.png"
+    image.write_bytes(png(random_image(20, 20, seed=5)))
+    chat.attach(image)
+    chat.send("what is this?")
+    assert "does not accept images" in chat.status() and "400" in chat.status()
+    chat.pick_model("all8")
+    auth = {"Authorization": f"Bearer {KEY}"}
+    resp = httpx.post(server.url + "/v1/unload_lora_adapter", json={"lora_name": "all8"}, headers=auth, timeout=30)
+    assert resp.status_code == 200, resp.text
+    try:
+        chat.send(prompt)
+        assert "404" in chat.status() and "'all8' does not exist" in chat.status()
+        chat.click("reload-models")
+        chat.page.wait_for_function("document.querySelector('#model input').value === 'tiny'", timeout=60_000)
+        assert "all8" not in chat.model_choices()
+        chat.send(prompt)  # the chat goes on: refused turns stay visible but are not sent again
+        assert alnum(chat.bot_texts()[-1]) == alnum(answer_text(server, BASE, prompt))
+    finally:  # serve it again, as at start, for the tests after this one
+        _engine(server).call_blocking("load_adapter", "all8", lora_adapters["all8"], timeout=30)
+        server.app.state.router.add_adapter("all8", lora_adapters["all8"])
+    _wait_idle(server)
