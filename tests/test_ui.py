@@ -17,12 +17,12 @@ from test_server_vision import png, random_image
 from ui_driver import CHROMIUM, ChatPage, alnum
 
 pytest.importorskip("gradio", reason="the web chat needs the `ui` extra: pip install -e '.[ui]'")
-sync_api = pytest.importorskip("playwright.sync_api", reason="the browser tests need playwright (dev extra)")
+pytest.importorskip("playwright.sync_api", reason="the browser tests need playwright (dev extra)")
 if not Path(CHROMIUM).exists():
     pytest.skip(f"no browser at {CHROMIUM}: `make browser` installs Debian's chromium (needs root and apt)",
                 allow_module_level=True)
 
-from ui.mount import mount_ui  # noqa: E402  (after the skip: gradio is optional)
+from ui.mount import mount_ui  # noqa: E402  (after the skips: gradio is optional)
 
 BASE = "tiny"
 KEY, OTHER_KEY = "sk-ui-test", "sk-ui-other"
@@ -40,32 +40,6 @@ def server(tiny_models, lora_adapters):
     srv = BackgroundServer(mount_ui(app, (KEY, OTHER_KEY)))
     yield srv
     srv.stop()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True)
-        yield b
-        b.close()
-
-
-@pytest.fixture
-def new_page(browser, request):
-    """Opens pages in fresh browser contexts (separate cookies: separate sessions); screenshots
-    of each go to tests/artifacts/ when the test ends, pass or fail."""
-    contexts = []
-
-    def make(url: str) -> ChatPage:
-        ctx = browser.new_context(viewport={"width": 1280, "height": 800})
-        contexts.append(ctx)
-        return ChatPage(ctx.new_page(), url)
-
-    yield make
-    for i, ctx in enumerate(contexts):
-        for page in ctx.pages:
-            ChatPage(page, "").screenshot(f"{request.node.name}-{i}")
-        ctx.close()
 
 
 def _engine(srv):
@@ -219,3 +193,71 @@ def test_unknown_adapter_and_image_to_a_text_model_are_shown(server, new_page, t
         _engine(server).call_blocking("load_adapter", "all8", lora_adapters["all8"], timeout=30)
         server.app.state.router.add_adapter("all8", lora_adapters["all8"])
     _wait_idle(server)
+
+
+# -- sessions, editing, login ----------------------------------------------------------------
+def test_two_sessions_keep_separate_histories(server, new_page):
+    # Two users with their own keys, side by side: each page shows its own turns only.
+    alice, bob = _chat(server, new_page, "alice", KEY), _chat(server, new_page, "bob", OTHER_KEY)
+    alice.send_nowait("alice asks about " + PROMPTS[0])
+    bob.send_nowait("bob asks about " + PROMPTS[1])
+    alice.wait_answer(1)
+    bob.wait_answer(1)
+    assert alice.user_texts() == ["alice asks about " + PROMPTS[0]]
+    assert bob.user_texts() == ["bob asks about " + PROMPTS[1]]
+    alice.send("alice again")
+    assert "completion tokens" in bob.status() and len(bob.user_texts()) == 1
+    assert all("bob" not in t for t in alice.user_texts() + alice.bot_texts())
+    alice.click("new-chat")
+    alice.wait_status("New chat.", "alice's new chat")
+    assert alice.user_texts() == [] and bob.user_texts() == ["bob asks about " + PROMPTS[1]]
+    _wait_idle(server)
+
+
+def test_retry_undo_edit_and_system_prompt(server, new_page):
+    chat = _chat(server, new_page)
+    prompt = visible_prompt(server)
+    chat.send(prompt)
+    first = chat.bot_texts()[-1]
+    chat.set_number("seed", 7)
+    chat.set_number("temperature", 1.5)
+    chat.click("retry")  # sampled with a seed: the API's answer to the same seeded request
+    chat.wait_status("completion tokens", "the retried answer")
+    body = {"model": BASE, "messages": [{"role": "user", "content": prompt}], "temperature": 1.5, "seed": 7,
+            "max_tokens": MAX_TOKENS, "top_p": 1.0}
+    ref = httpx.post(server.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                     timeout=60).json()["choices"][0]["message"]["content"]
+    assert len(chat.user_texts()) == 1 and alnum(chat.bot_texts()[-1]) == alnum(ref)
+    chat.set_number("temperature", 0)
+    chat.set_number("seed", -1)
+    chat.click("undo")
+    chat.page.wait_for_function("document.querySelectorAll('#chat [data-testid=user]').length === 0",
+                                timeout=60_000)
+    chat.page.fill("#input textarea", "draft")
+    chat.send(prompt)
+    chat.click("edit")  # the last question comes back into the input box, out of the history
+    chat.wait_status("Editing the last message", "the last message back in the input box")
+    assert chat.page.input_value("#input textarea") == prompt and chat.user_texts() == []
+    system = "You are terse."
+    chat.page.locator("#system textarea").fill(system)
+    chat.page.press("#input textarea", "Enter")  # resend the edited (unchanged) text, now with a system prompt
+    chat.wait_answer(1)
+    ref = api_answer(server, BASE, [{"role": "system", "content": system}, {"role": "user", "content": prompt}])
+    assert alnum(chat.bot_texts()[-1]) == alnum(ref["choices"][0]["message"]["content"])
+    assert chat.stats()[0] == ref["usage"]["prompt_tokens"]
+    assert alnum(first) == alnum(answer_text(server, BASE, prompt))
+    _wait_idle(server)
+
+
+def test_login_needs_a_server_key_and_binds_the_user_to_it(server, new_page):
+    _chat(server, new_page, "carol", KEY)  # carol's name is now bound to KEY
+    for user, key in (("mallory", "sk-wrong"), ("carol", OTHER_KEY)):
+        page = new_page(server.url + "/ui/").page
+        page.goto(server.url + "/ui/")
+        page.wait_for_selector("input[type=password]", timeout=60_000)
+        page.fill("input[type=text]", user)
+        page.fill("input[type=password]", key)
+        page.keyboard.press("Enter")
+        page.get_by_text("Incorrect Credentials").wait_for(timeout=60_000)
+        assert page.locator("#input textarea").count() == 0, f"{user} logged in with {key!r}"
+    assert httpx.get(server.url + "/ui/gradio_api/info", timeout=30).status_code in (401, 403)

@@ -76,7 +76,7 @@ class ChatPage:
         self._file_event("#input textarea", "paste", png, name)
 
     def drop_image(self, png: bytes, name: str = "dropped.png") -> None:
-        self._file_event("#input .full-container, #input > div", "drop", png, name)
+        self._file_event("#input .full-container", "drop", png, name)
 
     def _file_event(self, selector: str, kind: str, data: bytes, name: str) -> None:
         before = self.attached()
@@ -149,3 +149,4 @@ class ChatPage:
         path = ARTIFACTS / f"{name}.png"
         self.page.screenshot(path=str(path), full_page=True)
         return path
+
