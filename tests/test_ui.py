@@ -4,7 +4,12 @@ answers to the same requests; the stop button must make the server free the requ
 
 from __future__ import annotations
 
+import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -261,3 +266,62 @@ def test_login_needs_a_server_key_and_binds_the_user_to_it(server, new_page):
         page.get_by_text("Incorrect Credentials").wait_for(timeout=60_000)
         assert page.locator("#input textarea").count() == 0, f"{user} logged in with {key!r}"
     assert httpx.get(server.url + "/ui/gradio_api/info", timeout=30).status_code in (401, 403)
+
+
+# -- the two commands ------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _banner(proc: subprocess.Popen, words: str) -> str:
+    for line in proc.stdout:
+        if words in line:
+            return line
+    raise AssertionError(f"the command exited ({proc.wait()}) without printing {words!r}")
+
+
+def _wait_http(url: str) -> httpx.Response:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return httpx.get(url, timeout=5)
+        except httpx.HTTPError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def test_lmq_ui_alone_chats_with_any_openai_server(server, new_page):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "lmq.cli", "ui", "--api-url", server.url + "/v1", "--api-key", KEY,
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert f"http://127.0.0.1:{port}/" in _banner(proc, "web chat")
+        assert _wait_http(f"http://127.0.0.1:{port}/").status_code == 200
+        chat = new_page(f"http://127.0.0.1:{port}/").open()  # no login: the key was given to `lmq ui`
+        chat.greedy(MAX_TOKENS)
+        prompt = visible_prompt(server)
+        chat.send(prompt)
+        assert alnum(chat.bot_texts()[-1]) == alnum(answer_text(server, BASE, prompt))
+        proc.terminate()
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+    _wait_idle(server)
+
+
+def test_lmq_serve_ui_prints_the_chat_url(tiny_models):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "lmq.cli", "serve", str(tiny_models["llama"]), "--ui", "--port",
+                             str(port), "--device", "cpu", "--kv-cache-gb", "0.05"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert f"http://127.0.0.1:{port}/ui" in _banner(proc, "web chat at")
+        page = _wait_http(f"http://127.0.0.1:{port}/ui/")
+        assert page.status_code == 200 and "gradio" in page.text.lower()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
