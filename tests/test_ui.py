@@ -325,3 +325,21 @@ def test_lmq_serve_ui_prints_the_chat_url(tiny_models):
         assert proc.wait(timeout=30) == 0
     finally:
         proc.kill()
+
+
+def test_default_model_answers_in_the_chat(new_page):
+    """`make serve`'s chat: the built-in SmolLM2-135M-Instruct (real weights) knows Paris."""
+    config = build_engine_config(None, device="cpu", kv_cache_gb=0.1, max_model_len=1024)
+    srv = BackgroundServer(mount_ui(make_app(config)))
+    try:
+        chat = new_page(srv.url + "/ui/").open()
+        chat.greedy(48)
+        chat.page.locator("#system textarea").fill("You are a helpful assistant.")
+        chat.send("What is the capital of France?")
+        assert "Paris" in chat.bot_texts()[-1]
+        chat.set_number("max_tokens", 80)
+        chat.send("Write a one-line Python function that adds two numbers, in a code block.")
+        chat.wait_answer(2)
+        chat.screenshot("default-model-chat")  # docs/chat.png is a copy of this one
+    finally:
+        srv.stop()

@@ -54,7 +54,7 @@ class ChatHandlers:
         if turn is None or turn.done or turn.answer:
             return
         if not model:
-            turn.error, turn.done = "no model selected: the model list is empty (press Reload)", True
+            turn.error, turn.done = "no model selected: the model list is empty (press 'Reload the model list')", True
             yield conv.chatbot_messages(), conv, f"**Error:** {turn.error}"
             return
         seed = None if seed is None or seed < 0 else int(seed)
@@ -123,9 +123,8 @@ def build_app(client_for: ClientFactory, title: str = "lmq chat") -> gr.Blocks:
                     new = gr.Button("New chat", elem_id="new-chat", size="sm")
                 status = gr.Markdown("", elem_id="status")
             with gr.Column(scale=1):
-                with gr.Row():
-                    model = gr.Dropdown(label="Model or adapter", choices=[], elem_id="model", scale=4)
-                    reload = gr.Button("Reload", elem_id="reload-models", scale=1, min_width=40)
+                model = gr.Dropdown(label="Model or adapter", choices=[], elem_id="model")
+                reload = gr.Button("Reload the model list", elem_id="reload-models", size="sm")
                 system = gr.Textbox(label="System prompt", lines=3, elem_id="system")
                 temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="temperature", elem_id="temperature")
                 top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top_p", elem_id="top_p")
