@@ -35,14 +35,18 @@ ADAPTERS = ("qv4", "all8")
 MAX_TOKENS = 24
 
 
+def _start(folder, adapters: dict[str, str] | None = None, **opts) -> BackgroundServer:
+    """`lmq serve --api-keys KEY,OTHER_KEY --ui` on the tiny llama."""
+    queue = opts.pop("max_queue_len", None)
+    config = build_engine_config(str(folder), device="cpu", kv_cache_gb=0.05, max_model_len=512,
+                                 enable_lora=bool(adapters), max_loras=2, **opts)
+    app = make_app(config, BASE, (KEY, OTHER_KEY), max_queue_len=queue, adapters=adapters)
+    return BackgroundServer(mount_ui(app, (KEY, OTHER_KEY)))
+
+
 @pytest.fixture(scope="module")
 def server(tiny_models, lora_adapters):
-    # One sequence slot and a queue of one: a held request and one waiting fill the server (429).
-    config = build_engine_config(str(tiny_models["llama"]), device="cpu", kv_cache_gb=0.05, max_model_len=512,
-                                 enable_lora=True, max_loras=2, max_num_seqs=1)
-    app = make_app(config, BASE, (KEY, OTHER_KEY), max_queue_len=1,
-                   adapters={n: lora_adapters[n] for n in ADAPTERS})
-    srv = BackgroundServer(mount_ui(app, (KEY, OTHER_KEY)))
+    srv = _start(tiny_models["llama"], {n: lora_adapters[n] for n in ADAPTERS})
     yield srv
     srv.stop()
 
@@ -147,7 +151,16 @@ def test_stop_aborts_the_request_on_the_server(server, new_page):
     _wait_idle(server)
 
 
-def test_queue_full_is_shown_and_the_chat_goes_on(server, new_page):
+def test_queue_full_is_shown_and_the_chat_goes_on(tiny_models, new_page):
+    # One sequence slot and a queue of one: a held request and one waiting fill the server.
+    server = _start(tiny_models["llama"], max_num_seqs=1, max_queue_len=1)
+    try:
+        _queue_full_then_retry(server, new_page)
+    finally:
+        server.stop()
+
+
+def _queue_full_then_retry(server, new_page) -> None:
     chat = _chat(server, new_page)
     prompt = visible_prompt(server)
     engine = _engine(server)
@@ -343,3 +356,29 @@ def test_default_model_answers_in_the_chat(new_page):
         chat.screenshot("default-model-chat")  # docs/chat.png is a copy of this one
     finally:
         srv.stop()
+
+
+def _ok_requests(srv) -> float:
+    text = httpx.get(srv.url + "/metrics", timeout=30).text
+    ok = 'lmq_requests_total{status="200"}'
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(ok))
+
+
+def test_retry_during_an_answer_gives_one_clean_answer(server, new_page):
+    """Retry pressed while the answer streams: the older answer stops (its request is aborted)
+    instead of streaming into the same turn as the newer one."""
+    chat = _chat(server, new_page)
+    prompt = visible_prompt(server)
+    before = _ok_requests(server)
+    _engine(server).set_debug_hooks(step_delay=0.05)  # the first answer still streams at the retry
+    try:
+        chat.send_nowait(prompt)
+        wait_for(lambda: _ok_requests(server) > before, "the question reaches the server")
+        chat.click("retry")
+        wait_for(lambda: _ok_requests(server) > before + 1, "the retry reaches the server")
+        _wait_idle(server)
+    finally:
+        _engine(server).set_debug_hooks()
+    chat.wait_status("completion tokens", "the retried answer")
+    assert alnum(chat.bot_texts()[-1]) == alnum(answer_text(server, BASE, prompt))
+    assert len(chat.bot_texts()) == 1

@@ -53,7 +53,9 @@ def test_retry_undo():
     conv = Conversation()
     turn = conv.add("q")
     turn.answer, turn.error, turn.done = "a", "boom", True
+    turn.asked = turn.attempt
     assert conv.reset_last_answer() is turn and (turn.answer, turn.error, turn.done) == ("", None, False)
+    assert turn.asked != turn.attempt  # the retry is a new attempt: it gets its own request
     assert conv.pop() is turn and conv.pop() is None and conv.reset_last_answer() is None
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 
 import gradio as gr
 
@@ -51,8 +52,9 @@ class ChatHandlers:
         """Streams the answer to the last turn into the history. A refusal by the server becomes
         that turn's error (shown in the chat and as a warning); the chat goes on from there."""
         turn = conv.turns[-1] if conv.turns else None
-        if turn is None or turn.done or turn.answer:
-            return
+        if turn is None or turn.done or turn.asked == turn.attempt:
+            return  # nothing to answer, or this attempt is already being answered (a double click)
+        turn.asked = attempt = turn.attempt
         if not model:
             turn.error, turn.done = "no model selected: the model list is empty (press 'Reload the model list')", True
             yield conv.chatbot_messages(), conv, f"**Error:** {turn.error}"
@@ -60,21 +62,27 @@ class ChatHandlers:
         seed = None if seed is None or seed < 0 else int(seed)
         sampling = Sampling(float(temperature), float(top_p), int(max_tokens), seed)
         stats = AnswerStats(started=time.monotonic())
+        stream = self.client_for(request).stream_chat(model, conv.openai_messages(system), sampling)
         try:
-            async for delta in self.client_for(request).stream_chat(model, conv.openai_messages(system), sampling):
-                if delta.completion_tokens is not None:
-                    stats.prompt_tokens, stats.completion_tokens = delta.prompt_tokens, delta.completion_tokens
-                if delta.text:
-                    stats.first_token = stats.first_token or time.monotonic()
-                    turn.answer += delta.text
-                    yield conv.chatbot_messages(), conv, "…"
-        except APIRequestError as e:
-            turn.error, turn.done = str(e), True
-            gr.Warning(str(e))
-            yield conv.chatbot_messages(), conv, f"**Error:** {e}"
+            async with aclosing(stream):  # leaving early closes the HTTP stream: the server aborts
+                async for delta in stream:
+                    if turn.attempt != attempt:
+                        return  # retried meanwhile: the newer attempt owns the turn
+                    if delta.completion_tokens is not None:
+                        stats.prompt_tokens, stats.completion_tokens = delta.prompt_tokens, delta.completion_tokens
+                    if delta.text:
+                        stats.first_token = stats.first_token or time.monotonic()
+                        turn.answer += delta.text
+                        yield conv.chatbot_messages(), conv, "…"
+        except (APIRequestError, ValueError) as e:  # ValueError: a stream that is not JSON
+            if turn.attempt == attempt:
+                turn.error, turn.done = str(e), True
+                gr.Warning(str(e))
+                yield conv.chatbot_messages(), conv, f"**Error:** {e}"
             return
-        stats.ended, turn.done = time.monotonic(), True
-        yield conv.chatbot_messages(), conv, f"{model}: {stats.line()}"
+        if turn.attempt == attempt:
+            stats.ended, turn.done = time.monotonic(), True
+            yield conv.chatbot_messages(), conv, f"{model}: {stats.line()}"
 
     def stopped(self, conv: Conversation) -> tuple:
         # The answer's task is cancelled at the same time (cancels=...), which closes its HTTP

@@ -34,6 +34,8 @@ class Turn:
     answer: str = ""
     error: str | None = None  # the server refused this turn: shown, never sent back to the model
     done: bool = False  # the answer ended (finished, stopped or failed)
+    attempt: int = 0  # bumped by every retry: an answer still streaming for an older one stops
+    asked: int = -1  # the attempt a request was sent for: a second click never sends it again
 
     def user_message(self) -> dict:
         if not self.images:
@@ -71,6 +73,7 @@ class Conversation:
             return None
         last = self.turns[-1]
         last.answer, last.error, last.done = "", None, False
+        last.attempt += 1
         return last
 
     def pop(self) -> Turn | None:
