@@ -1,4 +1,4 @@
-"""The `lmq` command: `lmq generate PROMPT`, `lmq chat`, `lmq serve` and `lmq awq`."""
+"""The `lmq` command: `lmq generate PROMPT`, `lmq chat`, `lmq serve`, `lmq awq` and `lmq ui`."""
 
 from __future__ import annotations
 
@@ -155,9 +155,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = build_engine_config(args.model_pos or args.model, **_engine_options(args))
     keys = tuple(k for k in (args.api_keys or "").split(",") if k)
     media = MediaConfig(allowed_media_dir=args.allowed_media_dir, allow_private=args.allow_private_media)
+    if args.ui:
+        _check_ui_extra()  # before the engine starts
     app = make_app(config, args.served_model_name, keys, args.max_queue_len, dict(args.adapters), args.lora_dir,
                    media, args.limit_images_per_prompt)
+    if args.ui:
+        from ui.mount import mount_ui
+
+        mount_ui(app, keys)
     run(app, args.host, args.port)
+    return 0
+
+
+def _check_ui_extra() -> None:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise ValueError("the web chat needs gradio: pip install -e '.[ui]' (or `make setup`)") from None
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    _check_ui_extra()
+    from ui.standalone import run_ui
+
+    run_ui(args.api_url, args.api_key, args.host, args.port)
     return 0
 
 
@@ -191,10 +212,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="waiting requests before new ones get 429 (default: unbounded)")
     srv.add_argument("--lora-dir", default=None,
                      help="allow POST /v1/load_lora_adapter for folders inside this directory (enables LoRA)")
+    srv.add_argument("--ui", action="store_true",
+                     help="also serve the web chat at /ui (with --api-keys: log in with a key as the password)")
     _engine_args(srv)
     _lora_args(srv)
     _vision_args(srv, server=True)
     srv.set_defaults(func=cmd_serve)
+    web = sub.add_parser("ui", help="the web chat alone, against any OpenAI-compatible server",
+                         description="Serve the Gradio web chat for the server at --api-url.")
+    web.add_argument("--api-url", required=True, help="the server's API root, e.g. http://127.0.0.1:8000/v1")
+    web.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY' (default: none)")
+    web.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    web.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    web.set_defaults(func=cmd_ui)
     add_awq_command(sub)
     return parser
 

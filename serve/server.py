@@ -60,6 +60,8 @@ def run(app: FastAPI, host: str, port: int) -> None:
     """Serve until SIGINT/SIGTERM, then return normally (exit status 0)."""
     name = app.state.router.base.name
     print(f"lmq: serving {name!r} at http://{host}:{port}/v1 (OpenAI API), /health, /metrics", flush=True)
+    if ui_path := getattr(app.state, "ui_path", None):
+        print(f"lmq: web chat at http://{host}:{port}{ui_path}", flush=True)
     # uvicorn handles the signal, then re-raises it to the handler it found: make that a no-op,
     # so a requested shutdown is a clean exit rather than KeyboardInterrupt / death by SIGTERM.
     for sig in (signal.SIGINT, signal.SIGTERM):

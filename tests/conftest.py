@@ -167,3 +167,36 @@ def held_after(engine, steps: int):
     finally:
         if engine.alive:
             engine.set_debug_hooks()
+
+
+# -- the web chat in headless Chromium (tests/test_ui*.py) --------------------------------------
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    from ui_driver import CHROMIUM
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def new_page(browser, request):
+    """Opens pages in fresh browser contexts (separate cookies: separate sessions); a screenshot
+    of each goes to tests/artifacts/ when the test ends, pass or fail (tests/ui_driver.py)."""
+    from ui_driver import ChatPage
+
+    contexts = []
+
+    def make(url: str):
+        ctx = browser.new_context(viewport={"width": 1280, "height": 800})
+        contexts.append(ctx)
+        return ChatPage(ctx.new_page(), url)
+
+    yield make
+    for i, ctx in enumerate(contexts):
+        for page in ctx.pages:
+            ChatPage(page, "").screenshot(f"{request.node.name}-{i}")
+        ctx.close()
