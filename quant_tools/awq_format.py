@@ -21,7 +21,13 @@ import torch
 BITS = 4
 PACK = 32 // BITS  # values per int32
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # output column (within 8) stored in nibble k
-_SHIFTS = tuple(BITS * AWQ_ORDER.index(j) for j in range(PACK))  # bit shift of output column j (within 8)
+
+
+def _shifts(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[8] bit shift of output column j (within 8): 4 * AWQ_ORDER.index(j) = 4 * (j // 2 + 4 * (j % 2)),
+    computed on the device (a host-to-device copy is not allowed inside a CUDA graph capture)."""
+    j = torch.arange(PACK, device=device, dtype=dtype)
+    return BITS * (j // 2 + 4 * (j % 2))
 
 
 def pack(values: torch.Tensor) -> torch.Tensor:
@@ -30,14 +36,14 @@ def pack(values: torch.Tensor) -> torch.Tensor:
     if cols % PACK:
         raise ValueError(f"AWQ packs {PACK} values per int32: {cols} columns is not a multiple of {PACK}")
     v = values.to(torch.int64).view(rows, cols // PACK, PACK)
-    shifts = torch.tensor(_SHIFTS, dtype=torch.int64, device=values.device)
+    shifts = _shifts(values.device, torch.int64)
     packed = (v << shifts).sum(-1)  # [rows, cols / 8], < 2**32
     return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)  # the same bits as int32
 
 
 def unpack(packed: torch.Tensor) -> torch.Tensor:
     """[rows, cols / 8] int32 -> [rows, cols] int32 in [0, 15] (inverse of `pack`)."""
-    shifts = torch.tensor(_SHIFTS, dtype=torch.int32, device=packed.device)
+    shifts = _shifts(packed.device, torch.int32)
     return ((packed[:, :, None] >> shifts) & 0xF).flatten(1)
 
 

@@ -25,9 +25,10 @@ def _agree(a: list[int], b: list[int]) -> int:
     return n
 
 
+@pytest.mark.parametrize("anyres", [False, True], ids=["llava", "next"])
 @pytest.mark.parametrize("tower", list(TOWERS))
-def test_bf16_llava_matches_transformers_and_diverges_no_sooner(tmp_path, tower):
-    folder = make_llava(tmp_path / tower, tower, seed=40)
+def test_bf16_llava_matches_transformers_and_diverges_no_sooner(tmp_path, tower, anyres):
+    folder = make_llava(tmp_path / tower, tower, seed=40, anyres=anyres)
     # 40 prompts: each one's divergence step is close to random, their mean much less so
     cases = [c for seed in range(50, 130, 10) for c in _prompts(seed=seed)]
     hf32, hf16 = HFLlava(folder, torch.float32, "cuda"), HFLlava(folder, torch.bfloat16, "cuda")
