@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lmq.backends import make_runner
 from lmq.block_manager import BlockManager, blocks_for
 from lmq.config import EngineConfig
 from lmq.multimodal import ImageInput, ProcessedImage, cache_key_ids, expand_image_tokens
@@ -96,12 +97,7 @@ class LLMEngine:
     """Owns one model. Not thread-safe: one thread calls add_request/step/abort."""
 
     def __init__(self, config: EngineConfig, tokenizer: Tokenizer) -> None:
-        from torch_engine import ops
-        from torch_engine.model_runner import ModelRunner
-
-        if config.backend != "pytorch":
-            raise ValueError(f"backend={config.backend!r} is not available yet: use 'pytorch'")
-        self.runner = ModelRunner(config, ops)
+        self.runner = make_runner(config)
         self.encoders = _encoder_pool(config)  # before profiling: its replicas' memory is not KV cache
         self.encoding: dict[str, tuple[Request, Future]] = {}  # requests waiting for their images' features
         self.failures: list[tuple[str, Exception]] = []  # requests ended by an error, for take_failures

@@ -24,8 +24,9 @@ from collections.abc import Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from lmq.backends import with_backend
 from lmq.chat_content import template_messages
-from lmq.config import BACKENDS, CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig
+from lmq.config import CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig
 from lmq.engine import LLMEngine
 from lmq.models import model_config_from_hf
 from lmq.sampling import SamplingParams
@@ -37,15 +38,6 @@ from vision.media import MediaConfig
 
 Message = dict
 Prompt = str | list[int] | dict  # a dict: {"prompt" | "prompt_token_ids": ..., "multi_modal_data": {"image": ...}}
-
-
-def pick_backend(backend: str, device: str) -> str:
-    """`auto` takes turbomind when CUDA is there and turbomind supports the model, else pytorch."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is invalid: must be one of {', '.join(BACKENDS)}")
-    if backend == "turbomind":
-        raise ValueError("backend='turbomind' is not available yet in this lmq version: use 'pytorch' or 'auto'")
-    return "pytorch"
 
 
 def default_device() -> str:
@@ -72,7 +64,7 @@ def build_engine_config(model: str | None = None, *, backend: str = "auto", dtyp
         gen_eos = None
     mcfg = model_config_from_hf(path, hf, dtype, device, max_model_len, gen_eos)
     budget = max_num_batched_tokens or (8192 if device.startswith("cuda") else 2048)
-    return EngineConfig(
+    config = EngineConfig(
         model=mcfg,
         cache=CacheConfig(block_size=block_size, num_kv_blocks=num_kv_blocks,
                           gpu_memory_utilization=gpu_memory_utilization, kv_cache_gb=kv_cache_gb,
@@ -81,13 +73,13 @@ def build_engine_config(model: str | None = None, *, backend: str = "auto", dtyp
                                   max_model_len=mcfg.max_model_len),
         lora=LoRAConfig(max_loras=max_loras, max_lora_rank=max_lora_rank,
                         max_cpu_loras=max_cpu_loras or max(max_loras, 32)) if enable_lora else None,
-        backend=pick_backend(backend, device),
         device=device,
         enable_cuda_graph=enable_cuda_graph,
         seed=seed,
         vision_devices=tuple(vision_devices),
         vision_max_batch_size=vision_max_batch_size,
     )
+    return with_backend(backend, config)
 
 
 class LLM:

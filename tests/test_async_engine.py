@@ -182,7 +182,7 @@ def test_a_failed_step_fails_only_the_requests_in_flight(engine):
 
 
 def test_start_up_error_is_raised_in_the_caller(tiny_models):
-    with pytest.raises(ValueError, match="backend='turbomind' is not available"):
+    with pytest.raises(ValueError, match="backend='turbomind' cannot serve this model: it runs on CUDA GPUs only"):
         AsyncEngine(replace(_config(tiny_models["llama"]), backend="turbomind"))
 
 

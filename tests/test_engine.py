@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 import pytest
 
 from conftest import PROMPTS, plain_piece, random_prompts
-from lmq import LLM, SamplingParams
+from lmq import LLM, SamplingParams, backends
 
 
 @pytest.fixture(scope="module")
@@ -92,13 +93,27 @@ def test_chat_applies_the_template(llm):
     assert out[0].outputs[0].token_ids == out[1].outputs[0].token_ids
 
 
-def test_backend_choice(tiny_models):
-    with pytest.raises(ValueError, match="backend='turbomind' is not available yet"):
+def test_backend_choice(tiny_models, caplog):
+    """An explicit backend that cannot serve the config is an error naming every reason; `auto`
+    passes over it, and the start-up log says which engine it took and why."""
+    with pytest.raises(ValueError, match=r"backend='turbomind' cannot serve this model: it runs on CUDA GPUs only "
+                                         r"\(device='cpu'\);.*model runner is not built yet"):
         LLM(str(tiny_models["llama"]), device="cpu", backend="turbomind")
-    with pytest.raises(ValueError, match="backend='tensorrt' is invalid"):
+    with pytest.raises(ValueError, match="backend='tensorrt' is invalid: must be one of auto, pytorch, turbomind"):
         LLM(str(tiny_models["llama"]), device="cpu", backend="tensorrt")
-    llm = LLM(str(tiny_models["llama"]), device="cpu", backend="auto", kv_cache_gb=0.01)
+    with caplog.at_level(logging.INFO, logger="lmq"):
+        llm = LLM(str(tiny_models["llama"]), device="cpu", backend="auto", kv_cache_gb=0.01)
     assert llm.engine.config.backend == "pytorch"
+    assert "lmq: backend pytorch (auto: not turbomind: it runs on CUDA GPUs only (device='cpu')" in caplog.text
+
+
+def test_choose_backend_takes_the_first_that_serves_everything(tiny_models, monkeypatch):
+    config = LLM(str(tiny_models["llama"]), device="cpu", kv_cache_gb=0.01).engine.config
+    assert backends.choose_backend("pytorch", config) == backends.BackendChoice("pytorch", "asked for")
+    able = backends.Backend("turbomind", lambda cfg: [], backends.BACKENDS["turbomind"].make_runner)
+    monkeypatch.setitem(backends.BACKENDS, "turbomind", able)
+    choice = backends.choose_backend("auto", config)
+    assert choice.name == "turbomind" and "supports the model and every requested feature" in choice.reason
 
 
 def test_abort_before_fork_finishes_the_request(llm):
