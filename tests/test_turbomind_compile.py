@@ -4,7 +4,16 @@ import pytest
 
 from turbomind import compiler
 
-NORM = tuple(f"rms_norm<{t}>" for t in ("float", "__half", "__nv_bfloat16"))
+DTYPES = ("float", "__half", "__nv_bfloat16")
+NORM = tuple(f"rms_norm<{t}>" for t in DTYPES)
+ACT = tuple(f"silu_and_mul<{t}>" for t in DTYPES)
+
+
+def test_activation_compiles(tmp_path, monkeypatch):
+    monkeypatch.setattr(compiler, "CACHE_DIR", tmp_path)
+    cubin, lowered = compiler.compile_source((compiler.KERNELS / "activation.cu").read_text(), "activation.cu", ACT)
+    for name in ACT:
+        assert lowered[name].encode() in cubin
 
 
 def test_norm_compiles(tmp_path, monkeypatch):
