@@ -41,7 +41,7 @@ test: setup lint browser
 	$(PY) -m pytest -q tests
 
 lint: setup
-	$(VENV)/bin/ruff check lmq torch_engine vision lora serve ui quant_tools tests bench
+	$(VENV)/bin/ruff check lmq torch_engine turbomind vision lora serve ui quant_tools tests bench
 
 test-gpu: setup
 	$(PY) -m pytest -q -m gpu tests

@@ -1,0 +1,1 @@
+"""turbomind: the CUDA performance engine. Kernels in kernels/*.cu, compiled at run time through NVRTC."""
