@@ -49,7 +49,7 @@ def _turbomind_unsupported(config: EngineConfig) -> list[str]:
 
 
 def _turbomind_runner(config: EngineConfig) -> object:
-    raise ValueError("backend='turbomind' cannot serve this model: " + "; ".join(_turbomind_unsupported(config)))
+    raise AssertionError("unreachable: make_runner refuses turbomind while its unsupported() has reasons")
 
 
 BACKENDS: dict[str, Backend] = {
@@ -93,4 +93,7 @@ def with_backend(requested: str, config: EngineConfig) -> EngineConfig:
 
 
 def make_runner(config: EngineConfig) -> object:
+    """The config's backend's runner; a config whose backend was set without `with_backend` is
+    checked here the same way (the error names every reason)."""
+    choose_backend(config.backend, config)
     return BACKENDS[config.backend].make_runner(config)

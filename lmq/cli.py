@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from lmq.config import BACKENDS
+from lmq.backends import BACKENDS
 from lmq.sampling import SamplingParams
 from quant_tools.cli import add_awq_command
 
@@ -15,7 +15,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and engine")
     g.add_argument("--model", default=None,
                    help="HF folder or .gguf file (default: the built-in SmolLM2-135M-Instruct)")
-    g.add_argument("--backend", choices=BACKENDS, default="auto", help="engine (default: auto)")
+    g.add_argument("--backend", choices=("auto", *BACKENDS), default="auto", help="engine (default: auto)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: the checkpoint's dtype on a GPU, float32 on CPU")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 import torch
 
 SUPPORTED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-BACKENDS = ("auto", "pytorch", "turbomind")
 
 
 def _check(cond: bool, name: str, value: object, allowed: str) -> None:
