@@ -15,7 +15,15 @@ from lmq.backends import make_runner
 from lmq.block_manager import BlockManager, blocks_for
 from lmq.config import EngineConfig
 from lmq.multimodal import ImageInput, ProcessedImage, cache_key_ids, expand_image_tokens
-from lmq.sampling import SampledTokens, Sampler, SamplerRow, SamplingParams, token_logprobs
+from lmq.sampling import (
+    SampledTokens,
+    Sampler,
+    SamplerRow,
+    SamplingParams,
+    banned_token_ids,
+    token_logprobs,
+    with_bad_words_token_ids,
+)
 from lmq.scheduler import ScheduledBatch, Scheduler
 from lmq.sequence import Request, RequestOutput, Sequence
 from lmq.tokenizer import Detokenizer, Tokenizer
@@ -66,6 +74,8 @@ def validate_request(config: EngineConfig, ids: list[int], params: SamplingParam
     bad = [t for t in ids if not 0 <= t < vocab]
     if bad:
         raise ValueError(f"prompt token id {bad[0]} is out of range [0, {vocab})")
+    if out_of := params.token_ids_out_of(vocab):
+        raise ValueError(f"{out_of[0]}: token id {out_of[1]} is out of range [0, {vocab})")
     want = len(ids) + (params.max_tokens or 1)
     if want > max_model_len:
         raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {want} exceeds "
@@ -112,7 +122,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.adapters)
         self.tokenizer = tokenizer
         self.detokenizer = Detokenizer(tokenizer)
-        self.sampler = Sampler()
+        self.sampler = Sampler(torch.Generator(device=self.runner.device).manual_seed(config.seed))
         self.requests: dict[str, Request] = {}
         self.streaming: set[str] = set()
         self._seq_ids = itertools.count()
@@ -154,6 +164,7 @@ class LLMEngine:
             raise ValueError("this model does not accept images (it is a text-only model)")
         if not validated:
             validate_request(self.config, ids, params)
+        params = with_bad_words_token_ids(params, lambda w: self.tokenizer.encode(w, add_special_tokens=False))
         req = Request(request_id, text, ids, params, adapter=self._adapter(adapter), images=images)
         seq = self._new_seq(req, 0, list(ids))
         self.requests[request_id] = req
@@ -339,11 +350,15 @@ class LLMEngine:
             self._abort(req)
         return broken
 
-    @staticmethod
-    def _sampler_row(seq: Sequence) -> SamplerRow:
-        if seq.params.needs_penalties:  # only penalties read the history; skip copying it otherwise
-            return SamplerRow(seq.params, seq.prompt_token_ids, seq.output_token_ids, seq.generator)
-        return SamplerRow(seq.params, [], [], seq.generator)
+    def _sampler_row(self, seq: Sequence) -> SamplerRow:
+        p = seq.params
+        banned = []
+        if p.min_tokens or p.bad_words_token_ids:  # tokens masked this step, from the output so far
+            stops = frozenset() if p.ignore_eos else self.eos_token_ids
+            banned = banned_token_ids(p, seq.output_token_ids, stops)
+        if p.needs_penalties:  # only penalties read the history; skip copying it otherwise
+            return SamplerRow(p, seq.prompt_token_ids, seq.output_token_ids, seq.generator, banned)
+        return SamplerRow(p, [], [], seq.generator, banned)
 
     def _expand_forks(self, batch: ScheduledBatch, logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
         """A request with n > 1 forks when its prompt is done: the samples share its full blocks

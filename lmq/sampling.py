@@ -11,6 +11,7 @@ is where the host waits for the tokens. Between the two the engine has the host 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +43,13 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    min_tokens: int = 0  # EOS and stop_token_ids are blocked (stop strings not checked) until this many
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
+    bad_words: tuple[str, ...] = ()  # texts whose token sequences are never generated
+    allowed_token_ids: tuple[int, ...] | None = None  # only these tokens may be generated
+    # bad_words as token sequences (both tokenizations, with and without a leading space), filled
+    # by the engine from its tokenizer (`with_bad_words_token_ids`).
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         # Accept a single string / list for stop like vLLM, store tuples (the object is frozen).
@@ -51,6 +59,14 @@ class SamplingParams:
             object.__setattr__(self, "stop", tuple(self.stop or ()))
         if not isinstance(self.stop_token_ids, tuple):
             object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        if isinstance(self.bad_words, str):
+            object.__setattr__(self, "bad_words", (self.bad_words,))
+        elif not isinstance(self.bad_words, tuple):
+            object.__setattr__(self, "bad_words", tuple(self.bad_words or ()))
+        if self.allowed_token_ids is not None and not isinstance(self.allowed_token_ids, tuple):
+            object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
+        if self.logit_bias is not None:
+            object.__setattr__(self, "logit_bias", _int_keys(self.logit_bias))
         self._validate()
 
     def _validate(self) -> None:
@@ -82,9 +98,43 @@ class SamplingParams:
             ("stop_token_ids", self.stop_token_ids, all(is_int(t, 0) for t in self.stop_token_ids),
              "non-negative integers"),
         ]
+        checks += self._token_control_checks(is_int, is_num)
         for name, value, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"{name}={value!r} is invalid: must be {allowed}")
+
+    def _token_control_checks(self, is_int, is_num) -> list[tuple[str, object, bool, str]]:
+        most = "" if self.max_tokens is None else f" and <= max_tokens={self.max_tokens}"
+        checks = [
+            ("min_tokens", self.min_tokens, is_int(self.min_tokens, 0, self.max_tokens or float("inf")),
+             f"an integer >= 0{most}"),
+            ("bad_words", self.bad_words, all(isinstance(w, str) and w.strip() for w in self.bad_words),
+             "non-blank strings"),
+        ]
+        if self.allowed_token_ids is not None:
+            ids = self.allowed_token_ids
+            checks.append(("allowed_token_ids", ids, bool(ids) and all(is_int(t, 0) for t in ids),
+                           "None or a non-empty list of non-negative integers"))
+        for token, bias in (self.logit_bias or {}).items():
+            checks.append((f"logit_bias[{token!r}]", bias, is_num(bias, -100.0, 100.0), "a number in [-100, 100]"))
+            checks.append(("logit_bias", token, is_int(token, 0), "keyed by non-negative integer token ids"))
+        return checks
+
+    def token_ids_out_of(self, vocab: int) -> tuple[str, int] | None:
+        """(field, token id) of the first token id these params name that is not in [0, vocab)."""
+        named = [("stop_token_ids", self.stop_token_ids), ("allowed_token_ids", self.allowed_token_ids or ()),
+                 ("logit_bias", tuple(self.logit_bias or ()))]
+        for name, ids in named:
+            bad = [t for t in ids if t >= vocab]
+            if bad:
+                return name, bad[0]
+        return None
+
+    @property
+    def needs_token_controls(self) -> bool:
+        """Whether the sampler edits this request's logits beyond temperature / top-k / top-p."""
+        return bool(self.min_tokens or self.logit_bias or self.bad_words_token_ids
+                    or self.allowed_token_ids is not None)
 
     @property
     def greedy(self) -> bool:
@@ -93,6 +143,48 @@ class SamplingParams:
     @property
     def needs_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+def _int_keys(bias: dict) -> dict[int, float]:
+    """OpenAI's JSON sends token ids as strings ("1234"): keys become ints; a key that is no
+    integer is kept as it is, for the check to name it."""
+    out = {}
+    for k, v in dict(bias).items():
+        key = int(k) if isinstance(k, str) and k.strip().lstrip("-").isdigit() else k
+        out[key] = v
+    return out
+
+
+def with_bad_words_token_ids(params: SamplingParams, encode) -> SamplingParams:
+    """params with `bad_words_token_ids` from `encode(text) -> ids` (no special tokens), vLLM's
+    way: each word as written (leading spaces stripped) and with one leading space, the second
+    kept when it is a different sequence of the same length (not a mere "space + word" split)."""
+    if not params.bad_words or params.bad_words_token_ids:
+        return params
+    seqs: list[tuple[int, ...]] = []
+    for word in params.bad_words:
+        plain = tuple(encode(word.lstrip()))
+        if plain:
+            seqs.append(plain)
+        spaced = tuple(encode(" " + word.lstrip()))
+        if spaced and (not plain or (spaced[0] != plain[0] and len(spaced) == len(plain))):
+            seqs.append(spaced)
+    return dataclasses.replace(params, bad_words_token_ids=tuple(seqs))
+
+
+def banned_token_ids(params: SamplingParams, output_token_ids: list[int], stop_ids: frozenset[int]) -> list[int]:
+    """Tokens this row must not produce next: EOS / stop tokens before min_tokens, and the last
+    token of every bad word whose other tokens end the output so far (vLLM's rule)."""
+    banned = []
+    if len(output_token_ids) < params.min_tokens:
+        banned.extend(stop_ids)
+        banned.extend(params.stop_token_ids)
+    for seq in params.bad_words_token_ids:
+        prefix = len(seq) - 1
+        if prefix <= len(output_token_ids) and \
+                (prefix == 0 or tuple(output_token_ids[-prefix:]) == seq[:prefix]):
+            banned.append(seq[-1])
+    return banned
 
 
 @dataclass(frozen=True)
@@ -110,6 +202,7 @@ class SamplerRow:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     generator: torch.Generator | None = None
+    banned: list[int] = field(default_factory=list)  # token ids masked this step (see banned_token_ids)
 
 
 @dataclass
@@ -139,6 +232,37 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplerRow]) -> torch.Tenso
     return logits
 
 
+def apply_token_controls(logits: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
+    """logits: [B, V] float32, modified in place: logit_bias added, then everything outside
+    allowed_token_ids and every banned token set to -inf. One scatter per kind over the
+    flattened (row, token) pairs of the whole batch; no loop over the vocabulary."""
+    dev = logits.device
+    bias_rows, bias_ids, bias_vals = [], [], []
+    allow_rows, allow_ids, allow_which = [], [], []
+    ban_rows, ban_ids = [], []
+    for i, r in enumerate(rows):
+        p = r.params
+        for t, v in (p.logit_bias or {}).items():
+            bias_rows.append(i), bias_ids.append(t), bias_vals.append(float(v))
+        if p.allowed_token_ids is not None:
+            allow_which.append(i)
+            allow_rows.extend([len(allow_which) - 1] * len(p.allowed_token_ids))
+            allow_ids.extend(p.allowed_token_ids)
+        ban_rows.extend([i] * len(r.banned))
+        ban_ids.extend(r.banned)
+    if bias_rows:
+        logits.index_put_((to_device(bias_rows, dev), to_device(bias_ids, dev)),
+                          to_device(bias_vals, dev, torch.float32), accumulate=True)
+    if allow_which:
+        which = to_device(allow_which, dev)
+        keep = torch.zeros(len(allow_which), logits.shape[1], dtype=torch.bool, device=dev)  # [Ba, V]
+        keep[to_device(allow_rows, dev), to_device(allow_ids, dev)] = True
+        logits[which] = logits[which].masked_fill(~keep, float("-inf"))
+    if ban_rows:
+        logits[to_device(ban_rows, dev), to_device(ban_ids, dev)] = float("-inf")
+    return logits
+
+
 def _mask_top_k_top_p_min_p(logits: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
     """logits: [B, V] already divided by temperature. Returns logits with -inf outside the kept set."""
     vocab = logits.shape[1]
@@ -164,15 +288,16 @@ def _mask_top_k_top_p_min_p(logits: torch.Tensor, rows: list[SamplerRow]) -> tor
     return logits
 
 
-def _random_sample(logits: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
+def _random_sample(logits: torch.Tensor, rows: list[SamplerRow], generator: torch.Generator | None) -> torch.Tensor:
     """Exponential-race sampling: argmax(p / q), q ~ Exp(1), equals a draw from p. Seeded rows
-    draw q from their own generator, so their tokens do not depend on the rest of the batch."""
+    draw q from their own generator, so their tokens do not depend on the rest of the batch; the
+    others from `generator` (the engine's, seeded by its `seed`; None: torch's default)."""
     probs = logits.softmax(-1)
     q = torch.empty_like(probs)
     unseeded = [i for i, r in enumerate(rows) if r.generator is None]
     if unseeded:
         index = to_device(unseeded, probs.device)
-        q[index] = torch.empty_like(probs[index]).exponential_()
+        q[index] = torch.empty_like(probs[index]).exponential_(generator=generator)
     for i, r in enumerate(rows):
         if r.generator is not None:
             q[i].exponential_(generator=r.generator)
@@ -221,7 +346,11 @@ class SampledTokens:
 
 
 class Sampler:
-    """Turns a step's logits [B, V] into one token per row."""
+    """Turns a step's logits [B, V] into one token per row. `generator`: draws of rows without
+    a seed of their own (on the logits' device)."""
+
+    def __init__(self, generator: torch.Generator | None = None) -> None:
+        self.generator = generator
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplerRow]) -> SamplerOutput:
         return self.launch(logits, rows).result()
@@ -231,6 +360,8 @@ class Sampler:
         raw = logits
         if any(r.params.needs_penalties for r in rows):
             logits = apply_penalties(logits.clone(), rows)
+        if any(r.banned or r.params.needs_token_controls for r in rows):
+            logits = apply_token_controls(logits.clone() if logits is raw else logits, rows)
         tokens = logits.argmax(-1)  # greedy rows keep this
         rand = [i for i, r in enumerate(rows) if not r.params.greedy]
         if rand:
@@ -238,7 +369,7 @@ class Sampler:
             index = to_device(rand, logits.device)
             temps = to_device([r.params.temperature for r in sub_rows], logits.device, torch.float32)[:, None]
             sub = _mask_top_k_top_p_min_p(logits[index] / temps, sub_rows)
-            tokens[index] = _random_sample(sub, sub_rows)
+            tokens[index] = _random_sample(sub, sub_rows, self.generator)
         want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         if not want:
             return SampledTokens(tokens, want, None, None, [])

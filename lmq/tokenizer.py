@@ -19,8 +19,8 @@ class Tokenizer:
     def eos_token_id(self) -> int | None:
         return self.hf.eos_token_id
 
-    def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text)
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=add_special_tokens)
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens)
@@ -67,6 +67,8 @@ class Detokenizer:
 
     @staticmethod
     def _apply_stop_strings(seq: Sequence, new_chars: int) -> None:
+        if seq.num_output_tokens <= seq.params.min_tokens:  # vLLM: none in the first min_tokens tokens
+            return
         for stop in seq.params.stop:
             # Only look where the new text could complete a stop string.
             start = max(len(seq.text) - new_chars - len(stop) + 1, 0)
