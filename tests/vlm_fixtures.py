@@ -127,6 +127,15 @@ class HFLlava:
         pixels = self.proc(images=images, return_tensors="pt")["pixel_values"]
         return ids, {"pixel_values": pixels.to(self.device, self.dtype)}
 
+    def fed_logprobs(self, text: str, images: list, tokens: list[int]) -> torch.Tensor:
+        """[len(tokens), V] float32 log-probabilities of the rows predicting `tokens` when they are
+        fed after the prompt (teacher forcing): row i is the distribution `tokens[i]` was drawn from."""
+        ids, kwargs = self.inputs(text, images)
+        x = torch.tensor([ids + tokens], device=self.device)
+        with torch.no_grad():
+            logits = self.model(x, **kwargs).logits[0, len(ids) - 1:-1]
+        return logits.float().log_softmax(-1)
+
     def greedy(self, text: str, images: list, max_new: int, gaps: list[float] | None = None) -> list[int]:
         """Greedy tokens; `gaps` (if given) receives the top-2 logit gap of every step."""
         ids, kwargs = self.inputs(text, images)

@@ -1,0 +1,105 @@
+"""Where a decode step's time goes: a `torch.profiler` trace of torch_engine decode steps at
+several batch sizes, with and without CUDA graphs (issue 16's "profile before optimizing").
+
+    python bench/profile_decode.py --random-1b --batch-sizes 1 128 --json out.json --tables out.txt
+
+For each batch size: every sequence is first prefilled (128-token random prompts), then a few
+decode steps warm up and --steps decode steps are traced. Reported per step: wall time (host
+clock around `engine.step()`, device synchronized), GPU busy time (the sum of the traced kernels'
+durations), their ratio, and the number of kernels launched; plus the kernels that take the most
+GPU time. GPU busy time well below wall time means the step waits on the host (launches, Python);
+a kernel count in the hundreds per step points at fusing kernels more than at faster ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import _paths  # noqa: F401  (first: see its docstring)
+import torch
+from throughput import make_prompts, make_random_1b
+from torch.profiler import ProfilerActivity, profile
+from tqdm.auto import tqdm
+
+from lmq import LLM, SamplingParams
+from lmq.weights import resolve_model
+
+
+def _decode_ready(llm: LLM, prompts: list[list[int]], warmup: int) -> None:
+    """Add the prompts and step until every sequence is decoding, then `warmup` more steps."""
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=4096, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"p{time.monotonic_ns()}-{i}", p, params)
+    while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running) \
+            or engine.scheduler.waiting:
+        engine.step()
+    for _ in range(warmup):
+        engine.step()
+
+
+def _profile_steps(llm: LLM, steps: int) -> tuple[dict, str]:
+    engine = llm.engine
+    torch.cuda.synchronize()
+    walls = []
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            t = time.perf_counter()
+            engine.step()
+            torch.cuda.synchronize()
+            walls.append(time.perf_counter() - t)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu_us = sum(e.device_time for e in kernels)  # microseconds, every traced device event
+    wall_ms = 1e3 * sum(walls) / steps
+    table = prof.key_averages().table(sort_by="device_time_total", row_limit=20)
+    return {"wall_ms_per_step": wall_ms, "gpu_ms_per_step": gpu_us / 1e3 / steps,
+            "gpu_busy_share": gpu_us / 1e3 / steps / wall_ms, "kernels_per_step": len(kernels) / steps}, table
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="HF folder (default: the built-in model)")
+    ap.add_argument("--random-1b", action="store_true", help="a random Llama-3.2-1B-shaped bf16 model")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 128])
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--tables", default=None, help="write the profiler's top-kernel tables here")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_decode.py traces CUDA kernels: it needs a CUDA GPU")
+    tmp = Path(tempfile.mkdtemp(prefix="lmq-prof-"))
+    folder = str(make_random_1b(tmp, resolve_model(None), "cuda")) if args.random_1b else resolve_model(args.model)
+    rows, tables = [], []
+    for graphs in (True, False):
+        llm = LLM(folder, device="cuda", dtype="bfloat16", max_num_seqs=max(args.batch_sizes),
+                  max_model_len=args.input_len + 512, enable_cuda_graph=graphs)
+        vocab = llm.engine.config.model.vocab_size
+        for b in tqdm(args.batch_sizes, desc=f"cuda graphs {'on' if graphs else 'off'}"):
+            _decode_ready(llm, make_prompts(b, args.input_len, vocab, seed=b), warmup=5)
+            stats, table = _profile_steps(llm, args.steps)
+            for rid in list(llm.engine.requests):
+                llm.engine.abort(rid)
+            rows.append({"batch": b, "cuda_graphs": graphs, **stats})
+            tables.append(f"== batch {b}, CUDA graphs {'on' if graphs else 'off'}\n{table}")
+            print(f"batch {b:4d} graphs {'on ' if graphs else 'off'}: wall {stats['wall_ms_per_step']:.2f} ms, "
+                  f"GPU {stats['gpu_ms_per_step']:.2f} ms ({100 * stats['gpu_busy_share']:.0f}%), "
+                  f"{stats['kernels_per_step']:.0f} kernels/step")
+        del llm
+        torch.cuda.empty_cache()
+    shutil.rmtree(tmp, ignore_errors=True)
+    result = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+              "model": "random Llama-3.2-1B shape" if args.random_1b else folder, "rows": rows}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    if args.tables:
+        Path(args.tables).write_text("\n\n".join(tables))
+
+
+if __name__ == "__main__":
+    main()
