@@ -15,10 +15,11 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from lmq.async_engine import EngineDeadError, QueueFullError, RequestStream
-from lmq.chat_content import ImageRef, template_messages
+from lmq.chat_content import ImageRef
 from lmq.multimodal import ProcessedImage
 from lmq.sampling import MAX_LOGPROBS, Logprob, SamplingParams
 from lmq.sequence import CompletionOutput, RequestOutput
+from serve.chat_prompt import chat_messages, render_chat
 from serve.errors import APIError, bad_value, error_body
 from serve.metrics import Metrics
 from serve.protocol import ChatCompletionRequest, CompletionRequest, refuse_unsupported
@@ -30,12 +31,6 @@ log = logging.getLogger("lmq")
 # Optional request fields that map one to one onto SamplingParams; unset ones keep its defaults.
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                     "repetition_penalty", "logit_bias", "allowed_token_ids", "prompt_logprobs")
-# apply_chat_template's own arguments: not for chat_template_kwargs to override.
-_TEMPLATE_ARGS = frozenset({"conversation", "messages", "tokenize", "add_generation_prompt", "continue_final_message",
-                            "chat_template", "tools", "documents", "return_dict", "return_tensors", "padding",
-                            "truncation", "max_length", "tokenizer_kwargs", "return_assistant_tokens_mask",
-                            "sanitize_control_tokens"})
-
 
 @dataclass
 class Job:
@@ -79,39 +74,6 @@ def sampling_params(req: ChatCompletionRequest | CompletionRequest, max_tokens: 
         raise bad_value(e) from None
 
 
-def _chat_messages(req: ChatCompletionRequest, route: Route) -> tuple[list[dict], list[ImageRef]]:
-    """Messages for the chat template and the images they carry, checked against the route."""
-    try:
-        messages, refs = template_messages([m.model_dump(exclude_none=True) for m in req.messages])
-    except ValueError as e:
-        raise APIError(400, str(e), param="messages") from None
-    if refs and route.images is None:
-        raise APIError(400, f"this model does not accept images (model {route.name!r} is text-only); "
-                       f"{refs[0].where} is an image", param=refs[0].where)
-    if len(refs) > route.limit_images_per_prompt:
-        raise APIError(400, f"the messages hold {len(refs)} images, over the limit of --limit-images-per-prompt="
-                       f"{route.limit_images_per_prompt}", param="messages")
-    return messages, refs
-
-
-def render_chat(route: Route, messages: list[dict], add_generation_prompt: bool, continue_final_message: bool,
-                template_kwargs: dict | None) -> list[int]:
-    """The chat template's prompt token ids; 400 for what the template or its arguments refuse."""
-    if continue_final_message and add_generation_prompt:
-        raise APIError(400, "continue_final_message=true needs add_generation_prompt=false: the last message "
-                       "is either continued or followed by a new assistant turn", param="continue_final_message")
-    kwargs = dict(template_kwargs or {})
-    if clash := sorted(_TEMPLATE_ARGS & kwargs.keys()):
-        raise APIError(400, f"chat_template_kwargs.{clash[0]} is invalid: it is an argument of the chat template "
-                       "call, not a template variable", param=f"chat_template_kwargs.{clash[0]}")
-    try:
-        return route.tokenizer.apply_chat_template(messages, add_generation_prompt, continue_final_message, **kwargs)
-    except ValueError as e:
-        raise APIError(400, str(e), param="messages") from None
-    except Exception as e:  # the template itself rejected the conversation (e.g. role order)
-        raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from None
-
-
 def chat_job(req: ChatCompletionRequest, route: Route) -> Job:
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
@@ -121,7 +83,7 @@ def chat_job(req: ChatCompletionRequest, route: Route) -> Job:
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = sampling_params(req, max_tokens, logprobs)
-    messages, refs = _chat_messages(req, route)
+    messages, refs = chat_messages(req.messages, route)
     prompt = render_chat(route, messages, req.add_generation_prompt, req.continue_final_message,
                          req.chat_template_kwargs)
     include = bool(req.stream_options and req.stream_options.include_usage)

@@ -3,9 +3,8 @@ becomes (with the served model's tokenizer and chat template), and the text of t
 
 from __future__ import annotations
 
-from lmq.chat_content import template_messages
+from serve.chat_prompt import chat_messages, render_chat
 from serve.errors import APIError
-from serve.openai_api import render_chat
 from serve.protocol import DetokenizeRequest, TokenizeRequest
 from serve.router import Route
 
@@ -21,10 +20,7 @@ def tokenize(req: TokenizeRequest, route: Route) -> dict:
         if req.add_special_tokens:
             raise APIError(400, "add_special_tokens=true is not supported with messages: the chat template "
                            "writes the special tokens", param="add_special_tokens")
-        try:
-            messages, refs = template_messages([m.model_dump(exclude_none=True) for m in req.messages])
-        except ValueError as e:
-            raise APIError(400, str(e), param="messages") from None
+        messages, refs = chat_messages(req.messages, route)
         if refs:
             raise APIError(400, f"/tokenize does not take images; {refs[0].where} is an image", param=refs[0].where)
         ids = render_chat(route, messages, req.add_generation_prompt, req.continue_final_message,
