@@ -1,4 +1,5 @@
-"""The FastAPI app: OpenAI routes, health, version, metrics, API keys."""
+"""The FastAPI app: OpenAI routes, vLLM's /tokenize and /detokenize, health, ping, version,
+metrics, API keys."""
 
 from __future__ import annotations
 

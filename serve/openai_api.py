@@ -32,6 +32,7 @@ log = logging.getLogger("lmq")
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                     "repetition_penalty", "logit_bias", "allowed_token_ids", "prompt_logprobs")
 
+
 @dataclass
 class Job:
     """One API call: its prompts (several for a batched /v1/completions), shared params."""
