@@ -25,11 +25,15 @@ class Tokenizer:
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """messages: [{"role": ..., "content": ...}] -> prompt token ids."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            continue_final_message: bool = False, **template_kwargs: object) -> list[int]:
+        """messages: [{"role": ..., "content": ...}] -> prompt token ids. continue_final_message:
+        the last (assistant) message stays open for the model to go on with; template_kwargs are
+        extra variables the template reads (e.g. enable_thinking)."""
         if not self.hf.chat_template:
             raise ValueError("this model has no chat template; use generate() with a plain prompt")
-        text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                           continue_final_message=continue_final_message, **template_kwargs)
         return self.hf.encode(text, add_special_tokens=False)
 
 

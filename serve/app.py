@@ -1,4 +1,5 @@
-"""The FastAPI app: OpenAI routes, health, version, metrics, API keys."""
+"""The FastAPI app: OpenAI routes, vLLM's /tokenize and /detokenize, health, ping, version,
+metrics, API keys."""
 
 from __future__ import annotations
 
@@ -14,21 +15,35 @@ from serve.adapters_api import AdapterAdmin
 from serve.errors import APIError, error_body, install_error_handlers
 from serve.metrics import Metrics
 from serve.openai_api import chat_job, completion_job, load_images, respond
-from serve.protocol import ChatCompletionRequest, CompletionRequest, LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
+from serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    LoadLoRAAdapterRequest,
+    TokenizeRequest,
+    UnloadLoRAAdapterRequest,
+)
 from serve.router import Router
+from serve.tokenize_api import detokenize, tokenize
 
 ASGIApp = Callable[[dict, Callable, Callable], Awaitable[None]]
 
 
+def _gated(path: str) -> bool:
+    """Routes behind the API keys: everything that does work for a client. /health, /ping,
+    /version and /metrics stay open for probes and scrapers."""
+    return path.startswith("/v1/") or path in ("/tokenize", "/detokenize")
+
+
 class _Gate:
-    """Pure ASGI middleware (it never buffers streams): API keys on /v1/*, and the status of
-    every /v1/* response counted in the metrics."""
+    """Pure ASGI middleware (it never buffers streams): API keys on the gated routes, and the
+    status of every gated response counted in the metrics."""
 
     def __init__(self, app: ASGIApp, api_keys: tuple[str, ...], metrics: Metrics) -> None:
         self.app, self.api_keys, self.metrics = app, api_keys, metrics
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http" or not _gated(scope["path"]):
             return await self.app(scope, receive, send)
         if self.api_keys and not self._authorized(scope):
             self.metrics.requests.labels("401").inc()
@@ -52,7 +67,7 @@ class _Gate:
 
 def build_app(router: Router, api_keys: tuple[str, ...] = (), lora_dir: str | None = None) -> FastAPI:
     engine = router.base.engine
-    metrics = Metrics(engine.stats)
+    metrics = Metrics(engine.stats, router.base.name, router.base.max_model_len)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -68,6 +83,11 @@ def build_app(router: Router, api_keys: tuple[str, ...] = (), lora_dir: str | No
         if not engine.alive:
             raise APIError(503, "the engine process has stopped")
         return {"status": "ok"}
+
+    @app.get("/ping")
+    @app.post("/ping", operation_id="ping_post")
+    async def ping() -> dict:  # vLLM's (SageMaker's) name for /health
+        return await health()
 
     @app.get("/version")
     async def version() -> dict:
@@ -92,6 +112,14 @@ def build_app(router: Router, api_keys: tuple[str, ...] = (), lora_dir: str | No
     async def completions(req: CompletionRequest, request: Request) -> Response:
         route = router.resolve(req.model)
         return await respond(completion_job(req, route), route, request, metrics, req.stream)
+
+    @app.post("/tokenize")
+    async def tokenize_route(req: TokenizeRequest) -> dict:
+        return tokenize(req, router.resolve(req.model) if req.model is not None else router.base)
+
+    @app.post("/detokenize")
+    async def detokenize_route(req: DetokenizeRequest) -> dict:
+        return detokenize(req, router.resolve(req.model) if req.model is not None else router.base)
 
     admin = AdapterAdmin(router, lora_dir)
 

@@ -30,17 +30,42 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
                       "code": code if code is not None else status}}
 
 
+_PARAM = re.compile(r"([A-Za-z_]\w*(?:\[[^\]]*\])*)[=:]")  # `max_tokens=`, `logit_bias[5]=`, `logit_bias:`
+
+
 def bad_value(err: ValueError) -> APIError:
-    """lmq's ValueErrors start with `field=value is invalid ...`: that names the param."""
-    m = re.match(r"(\w+)=", str(err))
+    """lmq's ValueErrors start with `field=value is invalid ...` (or `field: ...`): that names
+    the param, `logit_bias[5]` included."""
+    m = _PARAM.match(str(err))
     return APIError(400, str(err), param=m.group(1) if m else None)
 
 
+_UNION_TAGS = {"str", "int", "float", "bool", "dict", "list"}
+
+
+def _field(loc: tuple) -> str:
+    """pydantic's loc ("body", "messages", 0, "content") as `messages[0].content`, without the
+    tags it adds inside unions ("list[ContentPart]", "ImageURL")."""
+    out = ""
+    for i, x in enumerate(loc):
+        tag = isinstance(x, str) and (x in _UNION_TAGS or "[" in x or x[:1].isupper())
+        if (x == "body" and not out) or (tag and i < len(loc) - 1):
+            continue
+        out += f"[{x}]" if isinstance(x, int) else (f".{x}" if out else str(x))
+    return out or "body"
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """Unknown fields first, every one of them named; then up to 5 invalid values."""
+    errors = exc.errors()
+    unknown = [_field(e.get("loc", ())) for e in errors if e.get("type") == "extra_forbidden"]
+    if unknown:
+        names = ", ".join(repr(u) for u in unknown)
+        return (f"unknown field{'s' if len(unknown) > 1 else ''} {names}: refused rather than ignored "
+                "(the README's HTTP API lists the fields lmq serves)", unknown[0])
     parts, param = [], None
-    for e in exc.errors():
-        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
-        field = ".".join(loc) or "body"
+    for e in errors:
+        field = _field(e.get("loc", ()))
         param = param or field
         value = e.get("input")
         shown = repr(value) if not isinstance(value, (dict, list)) or len(repr(value)) < 80 else "…"

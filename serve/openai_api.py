@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -14,19 +15,22 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from lmq.async_engine import EngineDeadError, QueueFullError, RequestStream
-from lmq.chat_content import ImageRef, template_messages
+from lmq.chat_content import ImageRef
 from lmq.multimodal import ProcessedImage
-from lmq.sampling import Logprob, SamplingParams
-from lmq.sequence import RequestOutput
+from lmq.sampling import MAX_LOGPROBS, Logprob, SamplingParams
+from lmq.sequence import CompletionOutput, RequestOutput
+from serve.chat_prompt import chat_messages, render_chat
 from serve.errors import APIError, bad_value, error_body
 from serve.metrics import Metrics
-from serve.protocol import ChatCompletionRequest, CompletionRequest
+from serve.protocol import ChatCompletionRequest, CompletionRequest, refuse_unsupported
 from serve.router import Route
 from vision.media import MediaError
 
+log = logging.getLogger("lmq")
+
 # Optional request fields that map one to one onto SamplingParams; unset ones keep its defaults.
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-                    "repetition_penalty")
+                    "repetition_penalty", "logit_bias", "allowed_token_ids", "prompt_logprobs")
 
 
 @dataclass
@@ -40,6 +44,8 @@ class Job:
     params: SamplingParams
     include_usage: bool
     tokens_as_ids: bool = False
+    echo: list[str] | None = None  # completions with echo=true: each prompt's text, put before its output
+    prompt_logprobs: bool = False  # the request asked for them (echo may compute them without showing them)
     image_refs: list[ImageRef] = field(default_factory=list)  # chat: the images of the messages
     images: list[ProcessedImage] | None = None  # once loaded (load_images)
     created: int = field(default_factory=lambda: int(time.time()))
@@ -47,46 +53,43 @@ class Job:
 
 
 def sampling_params(req: ChatCompletionRequest | CompletionRequest, max_tokens: int | None,
-                    logprobs: int | None) -> SamplingParams:
+                    logprobs: int | None, **overrides: object) -> SamplingParams:
+    """The request's SamplingParams; first refuses what lmq cannot serve (NOT_SUPPORTED)."""
+    refuse_unsupported(req)
+    if req.best_of is not None and req.best_of != req.n:
+        raise APIError(400, f"best_of={req.best_of} is not supported: only best_of equal to n={req.n} "
+                       "(every candidate is returned)", param="best_of")
+    if req.prompt_logprobs is not None and req.stream:
+        raise APIError(400, "prompt_logprobs is not supported with stream=true", param="prompt_logprobs")
+    if req.user is not None:
+        log.debug("lmq: request for end user %r", req.user)
     values = {k: getattr(req, k) for k in _SAMPLING_FIELDS if getattr(req, k) is not None}
+    values.update(overrides)
     try:  # SamplingParams normalizes stop / stop_token_ids (a string, a list or None)
         return SamplingParams(n=req.n, max_tokens=max_tokens, stop=req.stop or (),
                               stop_token_ids=req.stop_token_ids or (), seed=req.seed, ignore_eos=req.ignore_eos,
-                              logprobs=logprobs, **values)
+                              logprobs=logprobs, min_tokens=req.min_tokens, bad_words=tuple(req.bad_words or ()),
+                              include_stop_str_in_output=req.include_stop_str_in_output,
+                              skip_special_tokens=req.skip_special_tokens, **values)
     except ValueError as e:
         raise bad_value(e) from None
-
-
-def _chat_messages(req: ChatCompletionRequest, route: Route) -> tuple[list[dict], list[ImageRef]]:
-    """Messages for the chat template and the images they carry, checked against the route."""
-    try:
-        messages, refs = template_messages([m.model_dump(exclude_none=True) for m in req.messages])
-    except ValueError as e:
-        raise APIError(400, str(e), param="messages") from None
-    if refs and route.images is None:
-        raise APIError(400, f"this model does not accept images (model {route.name!r} is text-only); "
-                       f"{refs[0].where} is an image", param=refs[0].where)
-    if len(refs) > route.limit_images_per_prompt:
-        raise APIError(400, f"the messages hold {len(refs)} images, over the limit of --limit-images-per-prompt="
-                       f"{route.limit_images_per_prompt}", param="messages")
-    return messages, refs
 
 
 def chat_job(req: ChatCompletionRequest, route: Route) -> Job:
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
+    if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_LOGPROBS:
+        raise APIError(400, f"top_logprobs={req.top_logprobs} is invalid: must be an integer in [0, {MAX_LOGPROBS}]",
+                       param="top_logprobs")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    params = sampling_params(req, req.max_completion_tokens or req.max_tokens, logprobs)
-    messages, refs = _chat_messages(req, route)
-    try:
-        prompt = route.tokenizer.apply_chat_template(messages)
-    except ValueError as e:
-        raise APIError(400, str(e), param="messages") from None
-    except Exception as e:  # the template itself rejected the conversation (e.g. role order)
-        raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from None
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    params = sampling_params(req, max_tokens, logprobs)
+    messages, refs = chat_messages(req.messages, route)
+    prompt = render_chat(route, messages, req.add_generation_prompt, req.continue_final_message,
+                         req.chat_template_kwargs)
     include = bool(req.stream_options and req.stream_options.include_usage)
     return Job("chat", f"chatcmpl-{uuid.uuid4().hex}", route.name, [prompt], params, include,
-               req.return_tokens_as_token_ids, image_refs=refs)
+               req.return_tokens_as_token_ids, image_refs=refs, prompt_logprobs=req.prompt_logprobs is not None)
 
 
 async def load_images(job: Job, route: Route) -> None:
@@ -106,8 +109,6 @@ async def load_images(job: Job, route: Route) -> None:
 
 
 def completion_job(req: CompletionRequest, route: Route) -> Job:
-    if req.echo:
-        raise APIError(400, "echo=true is not supported", param="echo")
     p = req.prompt
     if isinstance(p, str):
         prompts = [p]
@@ -118,9 +119,15 @@ def completion_job(req: CompletionRequest, route: Route) -> Job:
     if not prompts:
         raise APIError(400, "prompt is empty: at least 1 prompt is required", param="prompt")
     ids = [route.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in prompts]
-    params = sampling_params(req, req.max_tokens, req.logprobs)
+    # echo with logprobs: the prompt's tokens come with theirs, so the engine computes them.
+    echo_lps = {"prompt_logprobs": max(req.logprobs, req.prompt_logprobs or 0)} \
+        if req.echo and req.logprobs is not None else {}
+    params = sampling_params(req, req.max_tokens, req.logprobs, **echo_lps)
     include = bool(req.stream_options and req.stream_options.include_usage)
-    return Job("text", f"cmpl-{uuid.uuid4().hex}", route.name, ids, params, include, req.return_tokens_as_token_ids)
+    echo = [x if isinstance(x, str) else route.tokenizer.decode(list(x), params.skip_special_tokens)
+            for x in prompts] if req.echo else None
+    return Job("text", f"cmpl-{uuid.uuid4().hex}", route.name, ids, params, include, req.return_tokens_as_token_ids,
+               echo=echo, prompt_logprobs=req.prompt_logprobs is not None)
 
 
 def start(job: Job, route: Route, stream: bool) -> list[RequestStream]:
@@ -191,15 +198,17 @@ def _chat_logprobs(route: Route, token_ids: list[int], lps: list[dict[int, Logpr
                         for t, e in zip(token_ids, lps)]}
 
 
-def _text_logprobs(route: Route, token_ids: list[int], lps: list[dict[int, Logprob]], k: int, offset: int,
+def _text_logprobs(route: Route, token_ids: list[int], lps: list[dict[int, Logprob] | None], k: int, offset: int,
                    as_id: bool) -> dict:
+    """None entries: an echoed prompt's first token, which nothing predicts."""
     tokens = [_tok(route, t, as_id) for t in token_ids]
     offsets, pos = [], offset
     for s in tokens:
         offsets.append(pos)
         pos += len(s)
-    return {"tokens": tokens, "token_logprobs": [e[t].logprob for t, e in zip(token_ids, lps)],
-            "top_logprobs": [{_tok(route, i, as_id): lp.logprob for i, lp in _top(e, k)} for e in lps],
+    return {"tokens": tokens, "token_logprobs": [None if e is None else e[t].logprob for t, e in zip(token_ids, lps)],
+            "top_logprobs": [None if e is None else {_tok(route, i, as_id): lp.logprob for i, lp in _top(e, k)}
+                             for e in lps],
             "text_offset": offsets}
 
 
@@ -216,16 +225,37 @@ def _logprobs(job: Job, route: Route, token_ids: list[int], lps: list | None, of
     return _text_logprobs(route, token_ids, lps, job.params.logprobs, offset, job.tokens_as_ids)
 
 
+def _view(job: Job, out: RequestOutput, c: CompletionOutput, p: int) -> tuple[str, list[int], list | None]:
+    """A choice's text, token ids and logprobs as the response shows them: with echo, the prompt's
+    first (its tokens as far as their logprobs have come: all of them once any output exists)."""
+    if job.echo is None:
+        return c.text, c.token_ids, c.logprobs
+    if c.logprobs is None:
+        return job.echo[p] + c.text, c.token_ids, None
+    prompt_lps = list(out.prompt_logprobs or [])
+    return (job.echo[p] + c.text, out.prompt_token_ids[:len(prompt_lps)] + c.token_ids,
+            prompt_lps + list(c.logprobs))
+
+
+def _prompt_logprobs(route: Route, out: RequestOutput) -> list[dict | None]:
+    """vLLM's shape: per prompt token, None (the first) or {token id: {logprob, rank, decoded_token}}."""
+    return [None if e is None else {str(t): {"logprob": lp.logprob, "rank": lp.rank,
+                                             "decoded_token": _tok(route, t)} for t, lp in e.items()}
+            for e in out.prompt_logprobs or []]
+
+
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
 
 
 def _observe(metrics: Metrics, job: Job, outs: dict[int, RequestOutput]) -> tuple[int, int]:
+    """Records each of the job's engine requests in the metrics; returns the job's usage."""
+    end = time.monotonic()
+    for o in outs.values():
+        metrics.observe_request(o, job.arrival, end)
     prompt = sum(len(o.prompt_token_ids) for o in outs.values())
     completion = sum(len(c.token_ids) for o in outs.values() for c in o.outputs)
-    first = min((o.first_token_time for o in outs.values() if o.first_token_time), default=None)
-    metrics.observe_request(prompt, completion, job.arrival, first, time.monotonic())
     return prompt, completion
 
 
@@ -258,17 +288,23 @@ async def _whole(job: Job, route: Route, streams: list[RequestStream], request: 
     choices = []
     for i in sorted(last):
         for c in last[i].outputs:
+            text, token_ids, lps = _view(job, last[i], c, i)
             item = {"index": i * n + c.index, "finish_reason": c.finish_reason,
-                    "logprobs": _logprobs(job, route, c.token_ids, c.logprobs)}
+                    "logprobs": _logprobs(job, route, token_ids, lps)}
             if job.kind == "chat":
-                item["message"] = {"role": "assistant", "content": c.text}
+                item["message"] = {"role": "assistant", "content": text}
             else:
-                item["text"] = c.text
+                item["text"] = text
+                if job.prompt_logprobs:
+                    item["prompt_logprobs"] = _prompt_logprobs(route, last[i])
             choices.append(item)
     prompt, completion = _observe(metrics, job, last)
     obj = "chat.completion" if job.kind == "chat" else "text_completion"
-    return JSONResponse({"id": job.id, "object": obj, "created": job.created, "model": job.model,
-                         "choices": choices, "usage": _usage(prompt, completion)})
+    body = {"id": job.id, "object": obj, "created": job.created, "model": job.model, "choices": choices,
+            "usage": _usage(prompt, completion)}
+    if job.prompt_logprobs and job.kind == "chat":  # vLLM: the chat response's, not a choice's
+        body["prompt_logprobs"] = _prompt_logprobs(route, last[0])
+    return JSONResponse(body)
 
 
 def _choice(job: Job, idx: int, text: str, logprobs: dict | None, finish_reason: str | None) -> dict:
@@ -315,11 +351,12 @@ async def _sse_chunks(job: Job, route: Route, streams: list[RequestStream], metr
             idx = p * n + c.index
             if idx in done:
                 continue
+            text, token_ids, all_lps = _view(job, out, c, p)
             t0, k0 = sent_text.get(idx, 0), sent_toks.get(idx, 0)
-            new_text, new_toks = c.text[t0:], c.token_ids[k0:]
-            sent_text[idx], sent_toks[idx] = len(c.text), len(c.token_ids)
+            new_text, new_toks = text[t0:], token_ids[k0:]
+            sent_text[idx], sent_toks[idx] = len(text), len(token_ids)
             if new_text or (new_toks and job.params.logprobs is not None):
-                lps = _logprobs(job, route, new_toks, c.logprobs[k0:len(c.token_ids)] if c.logprobs else None, t0)
+                lps = _logprobs(job, route, new_toks, all_lps[k0:len(token_ids)] if all_lps else None, t0)
                 deltas.append(_choice(job, idx, new_text, lps, None))
             if c.finish_reason is not None:
                 done.add(idx)

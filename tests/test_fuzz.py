@@ -24,7 +24,7 @@ def live(tiny_models):
     srv.stop()
 
 
-@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"])
 def test_no_server_errors_and_nothing_leaked(live, path):
     """Each path on its own: run alone or in any order, it fuzzes, then checks the engine."""
     schema = schemathesis.openapi.from_dict(live.app.openapi())

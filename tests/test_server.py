@@ -134,7 +134,7 @@ def test_n_stop_and_seed(client):
 
 def test_streaming_chat_chunk_order_and_usage(server):
     body = {"model": MODEL, "messages": CHAT, "max_tokens": 6, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}, "ignore_eos": True, "unknown_field": [1, 2]}
+            "stream_options": {"include_usage": True}, "ignore_eos": True}
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30) as resp:
         assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
         events = [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
@@ -206,7 +206,11 @@ def test_api_keys_and_queue_full(tiny_models):
         _assert_error(_post(srv, "/v1/completions", body), 401, "API key")
         _assert_error(_post(srv, "/v1/models", None, headers={"Authorization": "Bearer wrong"}), 401)
         assert httpx.get(srv.url + "/health").status_code == 200 and httpx.get(srv.url + "/metrics").status_code == 200
+        assert httpx.get(srv.url + "/ping").status_code == 200 and httpx.get(srv.url + "/version").status_code == 200
+        for path, tokenize_body in (("/tokenize", {"prompt": "x"}), ("/detokenize", {"tokens": [5]})):
+            _assert_error(_post(srv, path, tokenize_body), 401, "API key")
         auth = {"Authorization": f"Bearer {KEY}"}
+        assert _post(srv, "/tokenize", {"prompt": "x"}, headers=auth).status_code == 200
         assert httpx.get(srv.url + "/v1/models", headers=auth).status_code == 200
         with held_after(_engine(srv), 2), \
                 httpx.stream("POST", srv.url + "/v1/completions", json=body, headers=auth, timeout=60) as running:
