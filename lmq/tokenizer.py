@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from transformers import AutoTokenizer
 
 from lmq.sequence import Sequence
@@ -35,6 +37,23 @@ class Tokenizer:
         text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                            continue_final_message=continue_final_message, **template_kwargs)
         return self.hf.encode(text, add_special_tokens=False)
+
+    @property
+    def chat_template(self) -> str:
+        template = self.hf.chat_template or ""
+        if isinstance(template, dict):  # named templates: transformers renders "tool_use" for tools
+            template = template.get("tool_use") or template.get("default") or ""
+        return template
+
+    @functools.cached_property
+    def supports_tools(self) -> bool:
+        """Whether the chat template reads the `tools` it is given."""
+        import jinja2.meta
+
+        if not self.chat_template:
+            return False
+        ast = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(self.chat_template)
+        return "tools" in jinja2.meta.find_undeclared_variables(ast)
 
 
 class Detokenizer:

@@ -32,8 +32,9 @@ def chat_messages(messages: list[ChatMessage], route: Route) -> tuple[list[dict]
 
 
 def render_chat(route: Route, messages: list[dict], add_generation_prompt: bool, continue_final_message: bool,
-                template_kwargs: dict | None) -> list[int]:
-    """The chat template's prompt token ids; 400 for what the template or its arguments refuse."""
+                template_kwargs: dict | None, tools: list[dict] | None = None) -> list[int]:
+    """The chat template's prompt token ids; 400 for what the template or its arguments refuse.
+    tools: checked OpenAI function tools (serve/tool_calls.py) for the template."""
     if continue_final_message and add_generation_prompt:
         raise APIError(400, "continue_final_message=true needs add_generation_prompt=false: the last message "
                        "is either continued or followed by a new assistant turn", param="continue_final_message")
@@ -42,6 +43,8 @@ def render_chat(route: Route, messages: list[dict], add_generation_prompt: bool,
         raise APIError(400, f"chat_template_kwargs.{clash[0]} is invalid: it is an argument of the chat template "
                        "call, not a template variable", param=f"chat_template_kwargs.{clash[0]}")
     try:
+        if tools:
+            kwargs["tools"] = tools
         return route.tokenizer.apply_chat_template(messages, add_generation_prompt, continue_final_message, **kwargs)
     except ValueError as e:
         raise APIError(400, str(e), param="messages") from None

@@ -19,11 +19,13 @@ from lmq.chat_content import ImageRef
 from lmq.multimodal import ProcessedImage
 from lmq.sampling import MAX_LOGPROBS, Logprob, SamplingParams
 from lmq.sequence import CompletionOutput, RequestOutput
+from serve import tool_calls
 from serve.chat_prompt import chat_messages, render_chat
 from serve.errors import APIError, bad_value, error_body
 from serve.metrics import Metrics
 from serve.protocol import ChatCompletionRequest, CompletionRequest, refuse_unsupported
 from serve.router import Route
+from serve.tool_calls import ChoiceStreams, ToolRequest
 from vision.media import MediaError
 
 log = logging.getLogger("lmq")
@@ -48,6 +50,8 @@ class Job:
     prompt_logprobs: bool = False  # the request asked for them (echo may compute them without showing them)
     image_refs: list[ImageRef] = field(default_factory=list)  # chat: the images of the messages
     images: list[ProcessedImage] | None = None  # once loaded (load_images)
+    tools: ToolRequest | None = None  # chat with tools: serve/tool_calls.py
+    tool_parser: tool_calls.ToolParser | None = None  # None: the output is plain content
     created: int = field(default_factory=lambda: int(time.time()))
     arrival: float = field(default_factory=time.monotonic)
 
@@ -85,11 +89,22 @@ def chat_job(req: ChatCompletionRequest, route: Route) -> Job:
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = sampling_params(req, max_tokens, logprobs)
     messages, refs = chat_messages(req.messages, route)
+    tools, tool_parser, messages = _chat_tools(req, route, messages)
+    params = tool_calls.enforce(params, tools, tool_parser)
     prompt = render_chat(route, messages, req.add_generation_prompt, req.continue_final_message,
-                         req.chat_template_kwargs)
+                         req.chat_template_kwargs, tools.tools if tools else None)
     include = bool(req.stream_options and req.stream_options.include_usage)
     return Job("chat", f"chatcmpl-{uuid.uuid4().hex}", route.name, [prompt], params, include,
-               req.return_tokens_as_token_ids, image_refs=refs, prompt_logprobs=req.prompt_logprobs is not None)
+               req.return_tokens_as_token_ids, image_refs=refs, prompt_logprobs=req.prompt_logprobs is not None,
+               tools=tools, tool_parser=tool_parser)
+
+
+def _chat_tools(req: ChatCompletionRequest, route: Route, messages: list[dict]
+                ) -> tuple[ToolRequest | None, tool_calls.ToolParser | None, list[dict]]:
+    """The request's tools, the parser of its output, and messages with tool calls as templates read them."""
+    tools = tool_calls.tool_request(req.tools, req.tool_choice, req.parallel_tool_calls)
+    return (tools, tool_calls.prepare(tools, route.tokenizer, route.tool_call_parser),
+            tool_calls.template_messages(messages))
 
 
 async def load_images(job: Job, route: Route) -> None:
@@ -292,7 +307,8 @@ async def _whole(job: Job, route: Route, streams: list[RequestStream], request: 
             item = {"index": i * n + c.index, "finish_reason": c.finish_reason,
                     "logprobs": _logprobs(job, route, token_ids, lps)}
             if job.kind == "chat":
-                item["message"] = {"role": "assistant", "content": text}
+                item["message"], item["finish_reason"] = tool_calls.message(
+                    text, job.tool_parser, job.tools is None or job.tools.parallel, c.finish_reason)
             else:
                 item["text"] = text
                 if job.prompt_logprobs:
@@ -307,10 +323,12 @@ async def _whole(job: Job, route: Route, streams: list[RequestStream], request: 
     return JSONResponse(body)
 
 
-def _choice(job: Job, idx: int, text: str, logprobs: dict | None, finish_reason: str | None) -> dict:
+def _choice(job: Job, idx: int, text: str, logprobs: dict | None, finish_reason: str | None,
+            tool_delta: dict | None = None) -> dict:
+    """tool_delta: with a tool parser, the chat delta it made of the text (held back, content, tool_calls)."""
     item = {"index": idx, "logprobs": logprobs, "finish_reason": finish_reason}
     if job.kind == "chat":
-        item["delta"] = {"content": text} if text else {}
+        item["delta"] = tool_delta if tool_delta is not None else {"content": text} if text else {}
     else:
         item["text"] = text
     return item
@@ -344,6 +362,7 @@ async def _sse_chunks(job: Job, route: Route, streams: list[RequestStream], metr
                                 "finish_reason": None} for i in range(n * len(streams))])
     last: dict[int, RequestOutput] = {}
     done: set[int] = set()
+    tool_streams = ChoiceStreams(job.tool_parser, job.tools.parallel) if job.tool_parser else None
     async for p, out in _merged(streams):
         last[p] = out
         deltas, finishes = [], []
@@ -355,12 +374,14 @@ async def _sse_chunks(job: Job, route: Route, streams: list[RequestStream], metr
             t0, k0 = sent_text.get(idx, 0), sent_toks.get(idx, 0)
             new_text, new_toks = text[t0:], token_ids[k0:]
             sent_text[idx], sent_toks[idx] = len(text), len(token_ids)
-            if new_text or (new_toks and job.params.logprobs is not None):
+            tool_delta = tool_streams.delta(idx, text, c.finish_reason is not None) if tool_streams else None
+            if (new_text and tool_streams is None) or tool_delta or (new_toks and job.params.logprobs is not None):
                 lps = _logprobs(job, route, new_toks, all_lps[k0:len(token_ids)] if all_lps else None, t0)
-                deltas.append(_choice(job, idx, new_text, lps, None))
+                deltas.append(_choice(job, idx, new_text, lps, None, tool_delta))
             if c.finish_reason is not None:
                 done.add(idx)
-                finishes.append(_choice(job, idx, "", None, c.finish_reason))
+                reason = tool_streams.finish_reason(idx, c.finish_reason) if tool_streams else c.finish_reason
+                finishes.append(_choice(job, idx, "", None, reason))
         for choices in (deltas, finishes):
             if choices:
                 yield _sse_chunk(job, choices)

@@ -34,6 +34,9 @@ class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    # tools (serve/tool_calls.py checks them)
+    tool_calls: list[dict] | None = None  # assistant: its earlier calls
+    tool_call_id: str | None = None  # tool: which call this result answers
 
 
 class StreamOptions(_Strict):
@@ -49,9 +52,6 @@ NOT_SUPPORTED: dict[str, tuple[str, tuple[object, ...]]] = {
     "guided_choice": ("structured output is not supported yet", (None,)),
     "guided_grammar": ("structured output is not supported yet", (None,)),
     "structural_tag": ("structured output is not supported yet", (None,)),
-    "tools": ("tool calling is not supported yet", (None, [])),
-    "tool_choice": ("tool calling is not supported yet", (None, "none")),
-    "parallel_tool_calls": ("tool calling is not supported yet", (None,)),
     "functions": ("tool calling is not supported yet", (None, [])),
     "function_call": ("tool calling is not supported yet", (None, "none")),
     "suffix": ("suffix (fill-in-the-middle) is not supported", (None, "")),
@@ -121,9 +121,10 @@ class ChatCompletionRequest(_SamplingFields):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None  # extra variables for the chat template
-    tools: Any = None
-    tool_choice: Any = None
-    parallel_tool_calls: Any = None
+    # tools (serve/tool_calls.py checks them)
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
     functions: Any = None
     function_call: Any = None
 

@@ -24,6 +24,7 @@ class Route:
     limit_images_per_prompt: int = 8
     adapter: str | None = None  # None: the base model
     root: str | None = None  # where the weights came from
+    tool_call_parser: str | None = None  # --tool-call-parser; None: chosen from the chat template
 
 
 class Router:

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from lmq.async_engine import AsyncEngine
 from lmq.config import EngineConfig
+from lmq.tool_parsers import PARSERS
 from serve.app import build_app
 from serve.router import Route, Router
 from vision.inputs import ImageInputs
@@ -20,13 +21,16 @@ from vision.media import MediaConfig
 def make_app(config: EngineConfig, served_model_name: str | None = None, api_keys: tuple[str, ...] = (),
              max_queue_len: int | None = None, adapters: dict[str, str] | None = None,
              lora_dir: str | None = None, media: MediaConfig | None = None,
-             limit_images_per_prompt: int = 8) -> FastAPI:
+             limit_images_per_prompt: int = 8, tool_call_parser: str | None = None) -> FastAPI:
     """Starts the engine process (which loads the weights and the vision encoders; this process
     loads only the tokenizer and the image preprocessor) and returns once it is ready.
     adapters: name -> peft folder, each served as a model of its own (`model: name`). media:
-    which image URLs requests may name (vision models)."""
+    which image URLs requests may name (vision models). tool_call_parser: the format of the
+    model's tool calls (lmq.tool_parsers.PARSERS); None: chosen from its chat template."""
     if limit_images_per_prompt < 0:
         raise ValueError(f"limit_images_per_prompt={limit_images_per_prompt} is invalid: must be >= 0")
+    if tool_call_parser is not None and tool_call_parser not in PARSERS:
+        raise ValueError(f"tool_call_parser={tool_call_parser!r} is invalid: must be one of {', '.join(PARSERS)}")
     images = ImageInputs(config.model, media) if config.model.vision is not None else None
     engine = AsyncEngine(config, max_queue_len=max_queue_len)
     try:
@@ -37,7 +41,7 @@ def make_app(config: EngineConfig, served_model_name: str | None = None, api_key
         raise
     name = served_model_name or Path(config.model.path).name
     router = Router(Route(name, engine, engine.tokenizer, engine.config.scheduler.max_model_len, images,
-                          limit_images_per_prompt))
+                          limit_images_per_prompt, tool_call_parser=tool_call_parser))
     for adapter, path in (adapters or {}).items():
         router.add_adapter(adapter, path)
     return build_app(router, api_keys, lora_dir)
