@@ -5,8 +5,9 @@ starts and ends in text that may stop anywhere (a stream), without parsing the v
      ^key    ^name value    ^key         ^arguments value: starts here, not ended yet
 
 `scan_object` says which values are complete, which one the text ends in, and whether the text
-can no longer be a JSON object (`broken`). Complete values are checked by `json.loads` later;
-the scanner only has to find their ends (strings, nesting, literals)."""
+can no longer be a JSON object (`broken`), as soon as the first character that breaks it
+arrives: a stream then never sends that character. Complete values are still checked by
+`json.loads` (the scanner does not check escapes or number syntax in full)."""
 
 from __future__ import annotations
 
@@ -48,39 +49,55 @@ def _string_end(s: str, i: int) -> int | None:
             continue
         if c == '"':
             return j + 1
+        if c < " ":  # JSON strings hold no raw control characters (a newline must be \\n)
+            raise _Broken
         j += 1
     return None
 
 
-def _nested_end(s: str, i: int) -> int | None:
-    """s[i] in '{[': one past the matching bracket, or None."""
-    depth, j = 0, i
+def _container_end(s: str, i: int) -> int | None:
+    """s[i] in '{[': one past its closing bracket, or None; raises _Broken on what JSON never has."""
+    is_object, close = s[i] == "{", "}" if s[i] == "{" else "]"
+    j = skip_ws(s, i + 1)
+    if j < len(s) and s[j] == close:
+        return j + 1
     while j < len(s):
-        c = s[j]
-        if c == '"':
-            end = _string_end(s, j)
-            if end is None:
+        if is_object:
+            if s[j] != '"':
+                raise _Broken
+            key_end = _string_end(s, j)
+            if key_end is None:
                 return None
-            j = end
-            continue
-        if c in "{[":
-            depth += 1
-        elif c in "}]":
-            depth -= 1
-            if depth == 0:
-                return j + 1
-        j += 1
+            j = skip_ws(s, key_end)
+            if j >= len(s):
+                return None
+            if s[j] != ":":
+                raise _Broken
+            j = skip_ws(s, j + 1)
+            if j >= len(s):
+                return None
+        end = value_end(s, j)
+        if end is None:
+            return None
+        j = skip_ws(s, end)
+        if j >= len(s):
+            return None
+        if s[j] == close:
+            return j + 1
+        if s[j] != ",":
+            raise _Broken
+        j = skip_ws(s, j + 1)
     return None
 
 
 def value_end(s: str, i: int) -> int | None:
     """One past the JSON value starting at s[i], None if the text ends inside it; raises
-    _Broken if no JSON value starts there."""
+    _Broken as soon as the text can no longer be a JSON value."""
     c = s[i]
     if c == '"':
         return _string_end(s, i)
     if c in "{[":
-        return _nested_end(s, i)
+        return _container_end(s, i)
     m = _LITERAL.match(s, i)
     if m and m.end() < len(s):  # a number may go on while the text ends right after it
         return m.end()

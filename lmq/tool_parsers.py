@@ -49,7 +49,14 @@ class ParsedOutput:
 class PartialCall:
     name: str | None = None  # once the name's string is complete
     arguments: str = ""  # raw JSON text so far (only grows)
+    started: bool = False  # the arguments' object has begun (or the call is done)
     done: bool = False  # the call's JSON is complete and valid
+
+    @property
+    def ready(self) -> bool:
+        """Worth announcing: named, with arguments on the way (a JSON reply with a "name" key
+        but no arguments is no call)."""
+        return self.name is not None and (self.started or self.done)
 
 
 @dataclass
@@ -82,15 +89,13 @@ def _call(s: str, obj: ScannedObject) -> PartialCall | None:
     if args is not None:
         start, end = args
         if s[start] == "{":
-            call.arguments = s[start:end]
+            call.arguments, call.started = s[start:end], True
         elif end is not None and s[start] == '"':  # arguments as a JSON string of JSON
-            call.arguments = json.loads(s[start:end])
+            call.arguments, call.started = json.loads(s[start:end]), True
     if obj.end is None:
         return call
-    if call.name is None:
+    if call.name is None or args is None:  # {"name": "Bob", "age": 42} is a JSON reply, not a call
         return None
-    if args is None:
-        call.arguments = "{}"
     try:
         if not isinstance(json.loads(call.arguments), dict):
             return None
@@ -259,7 +264,7 @@ class NamedCallParser(ToolParser):
         start = skip_ws(text, 0)
         if start == len(text):
             return Split("", broken=final)
-        call = PartialCall(self.function, text[start:])
+        call = PartialCall(self.function, text[start:], started=True)
         if final:
             try:
                 call.done = isinstance(json.loads(call.arguments), dict)
@@ -310,7 +315,7 @@ class ToolCallStream:
             delta.content = split.content[self.sent_content:]
             self.sent_content = len(split.content)
         for i, call in enumerate(split.calls[:self.max_calls]):
-            if call.name is None:
+            if not call.ready:
                 break
             item: dict = {"index": i}
             if i == len(self.ids):
