@@ -183,11 +183,13 @@ class HermesParser(ToolParser):
 
 
 class Llama3JsonParser(ToolParser):
-    """Llama 3.1/3.2 JSON tool calls: the output is the call (after <|python_tag|> when the
-    tokens are decoded with special tokens); a call after other text needs the tag."""
+    """Llama 3.1/3.2 JSON tool calls: the output is the call, or text then <|python_tag|> and the
+    call. The tag is a special token: outputs are decoded with special tokens (the end-of-turn
+    tokens are stop tokens, never in the text), and a call without the tag must start the output."""
 
     name = "llama3_json"
     TAG = "<|python_tag|>"
+    keep_special_tokens = True
 
     def split(self, text: str, final: bool) -> Split:
         tag = text.find(self.TAG)

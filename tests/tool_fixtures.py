@@ -76,9 +76,10 @@ def make_scripted_model(folder: Path, family: str, pieces: tuple[str, ...]) -> P
     ids = [tok.convert_tokens_to_ids(p) for p in pieces]
     assert all(tok.convert_ids_to_tokens(i) == p for i, p in zip(ids, pieces)), "each piece must be one token"
     cfg_name, model_name, extra = ARCHS[FAMILIES[family].arch]
-    cfg = getattr(transformers, cfg_name)(**{**BASE, **extra, "tie_word_embeddings": False, "max_position_embeddings": 4096,
-                                             "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
-                                             "pad_token_id": tok.pad_token_id})
+    # room for the tools in the prompt: the tiny BPE spends many tokens on their JSON
+    cfg = getattr(transformers, cfg_name)(**{**BASE, **extra, "tie_word_embeddings": False,
+                                             "max_position_embeddings": 4096, "bos_token_id": tok.bos_token_id,
+                                             "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id})
     model = getattr(transformers, model_name)(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
