@@ -313,6 +313,9 @@ def test_tool_calls_come_back_as_tool_calls(family_server):
     _check_calls(family, [(c.function.name, c.function.arguments) for c in calls])
     if family == "mistral-v0.3":
         assert all(len(c.id) == 9 and c.id.isalnum() for c in calls)  # what its template demands back
+    one = _client(srv).chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, temperature=0, max_tokens=40,
+                                               parallel_tool_calls=False)
+    assert [c.function.name for c in one.choices[0].message.tool_calls] == ["get_weather"]
 
 
 def test_tool_calls_stream_as_deltas(family_server):
