@@ -133,13 +133,15 @@ class LLM:
         return self._run(ids, use_tqdm)
 
     def chat(self, messages: list[Message] | list[list[Message]], params: SamplingParams | None = None,
-             use_tqdm: bool = False, adapter: str | None | Sequence[str | None] = None) -> list[RequestOutput]:
-        """One conversation or a list of them, through the model's chat template."""
+             use_tqdm: bool = False, adapter: str | None | Sequence[str | None] = None,
+             tools: list[dict] | None = None) -> list[RequestOutput]:
+        """One conversation or a list of them, through the model's chat template. tools: OpenAI
+        function tools for the template; lmq.tool_parsers reads the calls in the output."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = []
         for conv in convs:
             msgs, refs = template_messages(conv)  # type: ignore[arg-type]
-            ids = self.tokenizer.apply_chat_template(msgs)
+            ids = self.tokenizer.apply_chat_template(msgs, tools=tools)
             prompts.append({"prompt_token_ids": ids, "multi_modal_data": {"image": self.images.load(refs)}}
                            if refs else ids)
         return self.generate(prompts, params, use_tqdm, adapter)

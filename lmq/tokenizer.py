@@ -52,7 +52,10 @@ class Tokenizer:
 
         if not self.chat_template:
             return False
-        ast = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(self.chat_template)
+        try:
+            ast = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(self.chat_template)
+        except jinja2.TemplateSyntaxError:  # a tag of transformers' own ({% generation %}): read the text
+            return "tools" in self.chat_template
         return "tools" in jinja2.meta.find_undeclared_variables(ast)
 
 

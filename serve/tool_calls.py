@@ -20,6 +20,11 @@ from lmq.sampling import SamplingParams
 from lmq.tool_parsers import PARSERS, JsonCallsParser, NamedCallParser, ToolCallStream, ToolParser, parser_for_template
 from serve.errors import APIError
 
+try:  # checks tools' parameters schemas when installed (the dev extra has it)
+    import jsonschema
+except ImportError:
+    jsonschema = None
+
 
 @dataclass(frozen=True)
 class ToolRequest:
@@ -53,11 +58,8 @@ def _check_tool(i: int, tool: object) -> dict:
         if not isinstance(params, dict):
             raise _bad(f"{where}.function.parameters", f"must be a JSON schema object, got {params!r}")
         try:
-            import jsonschema
-
-            jsonschema.validators.validator_for(params).check_schema(params)
-        except ImportError:
-            pass
+            if jsonschema is not None:
+                jsonschema.validators.validator_for(params).check_schema(params)
         except jsonschema.SchemaError as e:
             raise _bad(f"{where}.function.parameters", f"not a valid JSON schema: {e.message}") from None
     return {"type": "function", "function": {k: v for k, v in fn.items() if v is not None}}
@@ -148,9 +150,10 @@ def enforce(params: SamplingParams, tools: ToolRequest | None, tool_parser: Tool
     """The request's params with what its tools need: special tokens kept where the call marker
     is one, and the grammar for "required" / a named function.
 
-    LEAD: when GuidedDecodingParams lands, replace the 400 below with
-        return replace(params, guided_decoding=GuidedDecodingParams(json=schema))
-    (JsonCallsParser / NamedCallParser already parse what that grammar produces)."""
+    LEAD: when GuidedDecodingParams lands (so17: lmq.structured), replace the 400 below with
+        return replace(params, guided_decoding=GuidedDecodingParams(json=schema, field="tool_choice"))
+    and refuse a request that also sets response_format / guided_* (one grammar per request).
+    JsonCallsParser / NamedCallParser already parse what that grammar produces."""
     if tool_parser is not None and tool_parser.keep_special_tokens:
         params = replace(params, skip_special_tokens=False)
     schema = forced_schema(tools) if tools is not None else None

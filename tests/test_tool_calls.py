@@ -400,3 +400,14 @@ def test_model_without_tool_template_refuses_tools(tiny_models):
 def test_tool_request_defaults():
     assert tool_request(None, None, None) is None and tool_request([], "none", None) is None
     assert tool_request(TOOLS, None, None) == ToolRequest(tool_request(TOOLS, "auto", None).tools, "auto")
+
+
+def test_offline_chat_renders_tools_and_its_output_parses(tmp_path):
+    from lmq import LLM, SamplingParams
+
+    folder = make_scripted_model(tmp_path / "qwen", "qwen2.5", SCRIPTS["qwen2.5"])
+    llm = LLM(str(folder), device="cpu", kv_cache_gb=0.05, max_model_len=2048)
+    out = llm.chat(ASK, SamplingParams(temperature=0, max_tokens=40), tools=TOOLS)[0]
+    assert json.dumps(WEATHER) in llm.tokenizer.decode(out.prompt_token_ids, skip_special_tokens=False)
+    parsed = PARSERS[parser_for_template(llm.tokenizer.chat_template)]().parse(out.outputs[0].text)
+    assert [(c.name, json.loads(c.arguments)) for c in parsed.tool_calls] == EXPECTED["qwen2.5"][1]
