@@ -21,6 +21,7 @@ from lmq.sampling import (
     SamplerRow,
     SamplingParams,
     banned_token_ids,
+    step_seed,
     token_logprobs,
     with_bad_words_token_ids,
 )
@@ -230,10 +231,7 @@ class LLMEngine:
         self._lora().remove(name)
 
     def _new_seq(self, req: Request, index: int, token_ids: list[int]) -> Sequence:
-        gen = None
-        if req.params.seed is not None:
-            gen = torch.Generator(device=self.runner.device).manual_seed(req.params.seed + index)
-        seq = Sequence(next(self._seq_ids), req, index, token_ids, len(req.prompt_token_ids), generator=gen)
+        seq = Sequence(next(self._seq_ids), req, index, token_ids, len(req.prompt_token_ids))
         self.detokenizer.start(seq)
         req.seqs.append(seq)
         return seq
@@ -369,9 +367,11 @@ class LLMEngine:
         if p.min_tokens or p.bad_words_token_ids:  # tokens masked this step, from the output so far
             stops = frozenset() if p.ignore_eos else self.eos_token_ids
             banned = banned_token_ids(p, seq.output_token_ids, stops)
+        # A seeded sample's draw: its seed (+ sample index) and step offset, nothing else.
+        seed = None if p.seed is None else step_seed(p.seed + seq.sample_index, seq.num_output_tokens)
         if p.needs_penalties:  # only penalties read the history; skip copying it otherwise
-            return SamplerRow(p, seq.prompt_token_ids, seq.output_token_ids, seq.generator, banned)
-        return SamplerRow(p, [], [], seq.generator, banned)
+            return SamplerRow(p, seq.prompt_token_ids, seq.output_token_ids, None, banned, seed)
+        return SamplerRow(p, [], [], None, banned, seed)
 
     def _expand_forks(self, batch: ScheduledBatch, logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
         """A request with n > 1 forks when its prompt is done: the samples share its full blocks
