@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lmq.config import EngineConfig
+from lmq.step_input import ModelRunner
 
 log = logging.getLogger("lmq")
 
@@ -23,14 +24,14 @@ log = logging.getLogger("lmq")
 class Backend:
     name: str
     unsupported: Callable[[EngineConfig], list[str]]  # why it cannot serve this config ([] = it can)
-    make_runner: Callable[[EngineConfig], object]  # the engine's model runner (torch_engine.model_runner's shape)
+    make_runner: Callable[[EngineConfig], ModelRunner]  # the engine's runner (lmq.step_input.ModelRunner)
 
 
 def _pytorch_unsupported(config: EngineConfig) -> list[str]:
     return []  # the reference engine serves every model and feature lmq has, on any torch device
 
 
-def _pytorch_runner(config: EngineConfig) -> object:
+def _pytorch_runner(config: EngineConfig) -> ModelRunner:
     from torch_engine import ops
     from torch_engine.model_runner import ModelRunner
 
@@ -48,7 +49,7 @@ def _turbomind_unsupported(config: EngineConfig) -> list[str]:
     return reasons
 
 
-def _turbomind_runner(config: EngineConfig) -> object:
+def _turbomind_runner(config: EngineConfig) -> ModelRunner:
     raise AssertionError("unreachable: make_runner refuses turbomind while its unsupported() has reasons")
 
 
@@ -92,7 +93,7 @@ def with_backend(requested: str, config: EngineConfig) -> EngineConfig:
     return dataclasses.replace(config, backend=choice.name)
 
 
-def make_runner(config: EngineConfig) -> object:
+def make_runner(config: EngineConfig) -> ModelRunner:
     """The config's backend's runner; a config whose backend was set without `with_backend` is
     checked here the same way (the error names every reason)."""
     choose_backend(config.backend, config)

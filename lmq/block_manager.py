@@ -13,6 +13,9 @@ Invariants (`check_integrity`):
   * every block is either in the free queue (ref_count == 0) or referenced (ref_count > 0);
   * a block's ref_count equals the number of block tables holding it;
   * every entry of the cache map points at a block whose key is that entry's key;
+  * a sequence's table is one list object that only grows (appends) while the sequence holds
+    it; `free` drops it and a later `allocate` / `fork` makes a new list (lmq.step_builder
+    relies on this to update its device copy of the table incrementally);
   * the free queue is in LRU order: a free block that still holds cached content is evicted
     (its key dropped) only when it is handed out again, the least recently freed first.
 """

@@ -21,11 +21,13 @@ from lmq.sampling import (
     SamplerRow,
     SamplingParams,
     banned_token_ids,
+    step_seed,
     token_logprobs,
     with_bad_words_token_ids,
 )
-from lmq.scheduler import ScheduledBatch, Scheduler
+from lmq.scheduler import ScheduledBatch, ScheduledSeq, Scheduler
 from lmq.sequence import Request, RequestOutput, Sequence
+from lmq.step_builder import StepBuilder
 from lmq.tokenizer import Detokenizer, Tokenizer
 from lmq.transfer import to_device
 from lora.adapter import LoRAAdapter
@@ -59,7 +61,7 @@ class StepInFlight:
     batch: ScheduledBatch
     seqs: list[Sequence]  # the sequences that sample, in the sampler's row order
     sampled: SampledTokens | None  # None: nothing samples this step
-    prompt_logits: dict[int, torch.Tensor]  # seq_id -> [n, V]: rows predicting prompt tokens
+    prompt_logits: list[tuple[ScheduledSeq, torch.Tensor]]  # [n, V] rows predicting prompt tokens, per chunk
     # The requests `finish_step` changed so far (also when it failed midway).
     touched: dict[str, Request] = field(default_factory=dict)
 
@@ -120,6 +122,9 @@ class LLMEngine:
         self._adapter_errors = 0
         self.num_aborted = 0
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.adapters)
+        bs = config.cache.block_size
+        self.builder = StepBuilder(config.scheduler.max_num_seqs, blocks_for(config.scheduler.max_model_len, bs), bs,
+                                   self.runner.device)
         self.tokenizer = tokenizer
         self.detokenizer = Detokenizer(tokenizer)
         self.sampler = Sampler(torch.Generator(device=self.runner.device).manual_seed(config.seed))
@@ -226,10 +231,7 @@ class LLMEngine:
         self._lora().remove(name)
 
     def _new_seq(self, req: Request, index: int, token_ids: list[int]) -> Sequence:
-        gen = None
-        if req.params.seed is not None:
-            gen = torch.Generator(device=self.runner.device).manual_seed(req.params.seed + index)
-        seq = Sequence(next(self._seq_ids), req, index, token_ids, len(req.prompt_token_ids), generator=gen)
+        seq = Sequence(next(self._seq_ids), req, index, token_ids, len(req.prompt_token_ids))
         self.detokenizer.start(seq)
         req.seqs.append(seq)
         return seq
@@ -255,7 +257,7 @@ class LLMEngine:
                 self._decode_pending(seq)
                 if not seq.is_finished:  # (unless that text completed a stop string)
                     seq.finish("abort")
-                self.scheduler.remove(seq)
+                self._remove(seq)
         self._forget(req)
 
     def _forget(self, req: Request) -> None:
@@ -265,6 +267,11 @@ class LLMEngine:
         self.streaming.discard(req.request_id)
         if req.adapter is not None:
             self.adapters.release(req.adapter)
+
+    def _remove(self, seq: Sequence) -> None:
+        """The sequence leaves the scheduler (its blocks are freed) and its block-table row."""
+        self.scheduler.remove(seq)
+        self.builder.release(seq.seq_id)
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
@@ -293,12 +300,17 @@ class LLMEngine:
                 self.adapters.wait_for_reads(timeout=0.05)
             if self.encoding and not failed:  # or for images being encoded
                 wait([f for _, f in self.encoding.values()], timeout=0.05, return_when=FIRST_COMPLETED)
-            return StepInFlight(batch, [], None, {})
-        out = self.runner.execute(batch)
+            return StepInFlight(batch, [], None, [])
+        built = self.builder.build(batch)
+        out = self.runner.execute(built.step)
         self.scheduler.on_step_done(batch)
         seqs, logits = self._expand_forks(batch, out.sample_logits)
         sampled = self.sampler.launch(logits, [self._sampler_row(s) for s in seqs]) if seqs else None
-        return StepInFlight(batch, seqs, sampled, out.prompt_logits)
+        prompt_logits, k = [], 0
+        for s, n in built.prompt_rows:
+            prompt_logits.append((s, out.prompt_logits[k:k + n]))
+            k += n
+        return StepInFlight(batch, seqs, sampled, prompt_logits)
 
     def finish_step(self, step: StepInFlight) -> list[Request]:
         """Wait for the step's tokens and append them (stop tokens, stop strings and length end
@@ -306,9 +318,8 @@ class LLMEngine:
         changed, for `outputs`."""
         touched = step.touched
         sampled = step.sampled.result() if step.sampled is not None else None
-        for s in step.batch.seqs:
-            if s.seq.seq_id in step.prompt_logits:
-                self._prompt_logprobs(s.start, s.seq, step.prompt_logits[s.seq.seq_id])
+        for s, logits in step.prompt_logits:
+            self._prompt_logprobs(s.start, s.seq, logits)
         if sampled is not None:
             now = time.monotonic()
             for seq, tok, lp in zip(step.seqs, sampled.token_ids, sampled.logprobs):
@@ -356,9 +367,11 @@ class LLMEngine:
         if p.min_tokens or p.bad_words_token_ids:  # tokens masked this step, from the output so far
             stops = frozenset() if p.ignore_eos else self.eos_token_ids
             banned = banned_token_ids(p, seq.output_token_ids, stops)
+        # A seeded sample's draw: its seed (+ sample index) and step offset, nothing else.
+        seed = None if p.seed is None else step_seed(p.seed + seq.sample_index, seq.num_output_tokens)
         if p.needs_penalties:  # only penalties read the history; skip copying it otherwise
-            return SamplerRow(p, seq.prompt_token_ids, seq.output_token_ids, seq.generator, banned)
-        return SamplerRow(p, [], [], seq.generator, banned)
+            return SamplerRow(p, seq.prompt_token_ids, seq.output_token_ids, None, banned, seed)
+        return SamplerRow(p, [], [], None, banned, seed)
 
     def _expand_forks(self, batch: ScheduledBatch, logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
         """A request with n > 1 forks when its prompt is done: the samples share its full blocks
@@ -412,7 +425,7 @@ class LLMEngine:
                                     or seq.num_tokens >= self.max_model_len):
             seq.finish("length")
         if seq.is_finished:
-            self.scheduler.remove(seq)
+            self._remove(seq)
             if not isinstance(seq.stop_reason, str):  # a stop string already cut the text
                 # Whole text at once: also releases what incremental decoding held back (an
                 # incomplete character at the end).

@@ -92,7 +92,6 @@ class LLM:
         if adapters:
             options["enable_lora"] = True
         config = build_engine_config(model, **options)  # type: ignore[arg-type]
-        torch.manual_seed(config.seed)
         self.tokenizer = Tokenizer(config.model.path)
         self.engine = LLMEngine(config, self.tokenizer)
         self.images = ImageInputs(config.model, MediaConfig(allowed_media_dir, allow_private_media))

@@ -194,6 +194,14 @@ class Logprob:
     decoded_token: str | None = None
 
 
+def step_seed(seed: int, offset: int) -> int:
+    """The seed of one draw: a request's seed (+ its sample index) and the step offset (tokens
+    it has sampled so far), mixed into 64 bits. Draws depend on nothing else, so a seeded
+    sequence's tokens do not depend on the batch, its order, chunking or preemption, and no
+    generator lives with the sequence (a kernel can draw from Philox(seed, offset) the same way)."""
+    return ((seed * 0x9E3779B97F4A7C15) ^ (offset * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB)) % 2**64
+
+
 @dataclass
 class SamplerRow:
     """What the sampler needs of one sequence for one step."""
@@ -201,8 +209,9 @@ class SamplerRow:
     params: SamplingParams
     prompt_token_ids: list[int]
     output_token_ids: list[int]
-    generator: torch.Generator | None = None
+    generator: torch.Generator | None = None  # an explicit generator for this row's draw (tests)
     banned: list[int] = field(default_factory=list)  # token ids masked this step (see banned_token_ids)
+    seed: int | None = None  # step_seed(...) of a seeded request: the draw uses a generator seeded by it
 
 
 @dataclass
@@ -290,17 +299,20 @@ def _mask_top_k_top_p_min_p(logits: torch.Tensor, rows: list[SamplerRow]) -> tor
 
 def _random_sample(logits: torch.Tensor, rows: list[SamplerRow], generator: torch.Generator | None) -> torch.Tensor:
     """Exponential-race sampling: argmax(p / q), q ~ Exp(1), equals a draw from p. Seeded rows
-    draw q from their own generator, so their tokens do not depend on the rest of the batch; the
+    draw q from a generator of their own (`SamplerRow.generator`, or one made from
+    `SamplerRow.seed` for this draw), so their tokens do not depend on the rest of the batch; the
     others from `generator` (the engine's, seeded by its `seed`; None: torch's default)."""
     probs = logits.softmax(-1)
     q = torch.empty_like(probs)
-    unseeded = [i for i, r in enumerate(rows) if r.generator is None]
+    unseeded = [i for i, r in enumerate(rows) if r.generator is None and r.seed is None]
     if unseeded:
         index = to_device(unseeded, probs.device)
         q[index] = torch.empty_like(probs[index]).exponential_(generator=generator)
     for i, r in enumerate(rows):
         if r.generator is not None:
             q[i].exponential_(generator=r.generator)
+        elif r.seed is not None:
+            q[i].exponential_(generator=torch.Generator(device=probs.device).manual_seed(r.seed))
     return (probs / q).argmax(-1)
 
 

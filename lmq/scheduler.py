@@ -33,6 +33,8 @@ class ScheduledSeq:
     seq: Sequence
     start: int  # first position computed this step (== num_computed_tokens when scheduled)
     num_new_tokens: int
+    # The BlockManager's live list (not a copy): it only grows while the sequence holds it, and
+    # a new table is a new list, which is how lmq.step_builder updates its device rows in place.
     block_table: list[int]
     lora_slot: int = -1  # the adapter's device slot; -1 = the base model
 
@@ -146,14 +148,14 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             slot = self.adapters.activate(seq.seq_id, seq.adapter) if seq.adapter is not None else -1
-            scheduled.append(ScheduledSeq(seq, num_cached, n, list(self.blocks.block_table(seq.seq_id)), slot))
+            scheduled.append(ScheduledSeq(seq, num_cached, n, self.blocks.block_table(seq.seq_id), slot))
             budget -= n
         return budget
 
     def _grant(self, seq: Sequence, n: int) -> ScheduledSeq:
         self.blocks.allocate(seq.seq_id, seq.num_computed_tokens + n)
         slot = self.adapters.pinned_slot(seq.seq_id) if self.adapters is not None else -1
-        return ScheduledSeq(seq, seq.num_computed_tokens, n, list(self.blocks.block_table(seq.seq_id)), slot)
+        return ScheduledSeq(seq, seq.num_computed_tokens, n, self.blocks.block_table(seq.seq_id), slot)
 
     def _preempt(self, seq: Sequence) -> None:
         """Preemption by recompute: drop the KV, keep the tokens, go back to the waiting front."""

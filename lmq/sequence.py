@@ -40,7 +40,6 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
-    generator: torch.Generator | None = None
     logprobs: list[dict[int, Logprob]] = field(default_factory=list)
     text: str = ""
     # Incremental detokenizer state (see Detokenizer).

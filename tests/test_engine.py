@@ -180,3 +180,16 @@ def test_outputs_built_after_the_next_launch_equal_step_outputs(llm):
     # Decoded incrementally, an incomplete last character is held back; else the same text.
     assert aborted.text == upto.text or upto.text.endswith("\ufffd") and upto.text.startswith(aborted.text)
     _idle(llm)
+
+
+def test_loading_leaves_torch_global_state_alone(tiny_models):
+    """Building an engine (bfloat16 weights) and generating, seeded or not, changes neither
+    torch's default dtype nor its global RNG; the block table rows of finished sequences are freed."""
+    import torch
+
+    state, dtype = torch.random.get_rng_state(), torch.get_default_dtype()
+    llm = LLM(str(tiny_models["llama"]), device="cpu", dtype="bfloat16", num_kv_blocks=64)
+    assert llm.engine.runner.model.embed_tokens.dtype == torch.bfloat16
+    llm.generate([[5, 6, 7], [8, 9]], [SamplingParams(max_tokens=4, seed=3), SamplingParams(max_tokens=4)])
+    assert torch.get_default_dtype() == dtype and torch.equal(torch.random.get_rng_state(), state)
+    assert not llm.engine.builder.blocks.rows

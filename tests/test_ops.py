@@ -2,8 +2,10 @@
 sequences), on fresh random inputs: these ops are the oracles the CUDA kernels are tested against,
 so they are checked first against arithmetic that shares none of their code.
 
-Attention metadata is built by `_step` the way `ModelRunner.prepare` builds it: decode rows
-first, then prefill chunks padded to the longest one, block tables padded with a scratch block.
+Attention metadata is built by `_step` as torch_engine builds it (`AttentionMetadata.from_step`):
+decode rows first, then prefill chunks padded to the longest one; here block tables are padded
+with a scratch block. Attention reads the step's K/V from the cache: `_attend` writes them first,
+as the model's `rotary_write_kv` does.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ import pytest
 import torch
 
 from conftest import SEED
-from lmq.attention import AttentionMetadata
 from lora.ops import LoRAMetadata, LoRAStack
 from torch_engine import ops
+from torch_engine.attention_metadata import AttentionMetadata
 
 # Per-dtype tolerance of an op's output against the float64 formula on the same (rounded) inputs:
 # |out - expected| <= atol + rtol * max(|expected|, mag), where `mag` (when a test gives it) is the
@@ -221,6 +223,23 @@ def test_rotary(dtype: torch.dtype, d: int, h: int, hkv: int, theta: float, scal
         _close(actual, expected, dtype, mag)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_write_kv_is_rotary_then_write_kv(dtype: torch.dtype) -> None:
+    """The fused op: q rotated as `rotary` rotates it, and the rotated k (v as given) in the
+    cache at each token's slot, bit for bit against the two ops one after the other."""
+    g, t, h, hkv, d, bs, nblocks = _gen(8), 9, 4, 2, 32, 4, 5
+    q, k, v = _randn(g, t, h, d, dtype=dtype), _randn(g, t, hkv, d, dtype=dtype), _randn(g, t, hkv, d, dtype=dtype)
+    positions = torch.randint(0, 64, (t,), generator=g)
+    slots = torch.randperm(nblocks * bs, generator=g)[:t]
+    cos_sin = _cos_sin(_inv_freq(d, 10000.0), 64, 1.0, dtype)
+    caches = _randn(g, 2, nblocks, bs, hkv, d, dtype=dtype)
+    fused, expected = caches.clone(), caches.clone()
+    qf = ops.rotary_write_kv(positions, q, k, v, cos_sin, fused[0], fused[1], slots)
+    qr, kr = ops.rotary(positions, q, k, cos_sin)
+    ops.write_kv(kr, v, expected[0], expected[1], slots)
+    assert torch.equal(qf, qr) and torch.equal(fused, expected)
+
+
 # -- the blocked KV cache --------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("block_size", "hkv", "d"), [(4, 2, 32), (16, 1, 64)])
@@ -253,7 +272,7 @@ class _Seq:
 
 
 def _step(seqs: list[_Seq], block_size: int, scratch: int) -> tuple[AttentionMetadata, list[_Seq]]:
-    """AttentionMetadata as ModelRunner.prepare builds it, and the step's order (decodes first)."""
+    """AttentionMetadata for the step, and the step's order (decodes first)."""
     decodes, prefills = [s for s in seqs if s.n == 1], [s for s in seqs if s.n > 1]
     order = decodes + prefills
     slots = [s.blocks[p // block_size] * block_size + p % block_size for s in order
@@ -281,6 +300,13 @@ def _step(seqs: list[_Seq], block_size: int, scratch: int) -> tuple[AttentionMet
         prefill_block_tables=tables(prefills), prefill_pad_index=idx(pad_index, len(prefills), max_q),
         prefill_query_pos=idx(query_pos, len(prefills), max_q), prefill_unpad_index=idx(unpad, -1))
     return meta, order
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+            meta: AttentionMetadata, scale: float, window: int | None) -> torch.Tensor:
+    """The step's k / v written at meta.slot_mapping, then `ops.attention` over the cache."""
+    ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    return ops.attention(q, k_cache, v_cache, meta, scale, window)
 
 
 def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -345,7 +371,7 @@ def _run(shape: list[tuple[int, int]], *, block_size: int, h: int, hkv: int, d: 
         meta = dataclasses.replace(meta, **{f.name: getattr(meta, f.name).to(device)
                                             for f in dataclasses.fields(meta) if f.type == "torch.Tensor"})
         q, k, v, k_cache, v_cache = (x.to(device) for x in (q, k, v, k_cache, v_cache))
-    out = ops.attention(q, k, v, k_cache, v_cache, meta, scale, window)  # [T, H, D]
+    out = _attend(q, k, v, k_cache, v_cache, meta, scale, window)  # [T, H, D]
     _close(out.cpu(), expected, dtype)
     assert torch.equal(k_cache.cpu(), k_written) and torch.equal(v_cache.cpu(), v_written)
 
@@ -409,7 +435,7 @@ def test_attention_chunked_prefill_then_decode(dtype: torch.dtype) -> None:
         qs = torch.cat([q[start:start + n], qo] if first else [qo, q[start:start + n]])
         ks = torch.cat([k[start:start + n], ko] if first else [ko, k[start:start + n]])
         vs = torch.cat([v[start:start + n], vo] if first else [vo, v[start:start + n]])
-        out = ops.attention(qs, ks, vs, k_cache, v_cache, meta, scale, window)
+        out = _attend(qs, ks, vs, k_cache, v_cache, meta, scale, window)
         outs.append(out[:n] if first else out[2:])
     _close(torch.cat(outs), whole, dtype)
 
@@ -425,5 +451,5 @@ def test_attention_masks_per_window_on_one_meta() -> None:
     q, k, v = _randn(g, t, h, d), _randn(g, t, hkv, d), _randn(g, t, hkv, d)
     before = k_cache.clone(), v_cache.clone()
     for window in [None, 5, 2, None, 5]:
-        out = ops.attention(q, k, v, k_cache, v_cache, meta, d ** -0.5, window)
+        out = _attend(q, k, v, k_cache, v_cache, meta, d ** -0.5, window)
         _close(out, _reference(q, k, v, *before, order, d ** -0.5, window), torch.float32)

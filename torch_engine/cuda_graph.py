@@ -1,8 +1,10 @@
 """CUDA graphs for decode-only steps.
 
 A decode step of B sequences whose block tables span nb blocks is padded to a bucket
-(B_pad, nb_pad) and replayed from a graph captured once per bucket. Inputs live in static
-buffers; padded rows write their K/V to the runner's scratch block and attend only to it.
+(B_pad, nb_pad) and replayed from a graph captured once per bucket. The StepInput's tensors
+(token ids, positions, slot mapping, sequence lengths, block table rows, each token's adapter
+slot) are copied into static buffers, device to device; padded rows write their K/V to the
+runner's scratch block and attend only to it.
 Graphs share one memory pool and write their logits into one static buffer: only one replays
 at a time and its logits are consumed (sampled) before the next step, so no graph keeps
 memory of its own beyond what the pool's largest capture needs.
@@ -27,12 +29,13 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from lmq.attention import AttentionMetadata
+from lmq.step_input import StepInput
 from lora.ops import LoRAMetadata
+from torch_engine.attention_metadata import AttentionMetadata
 from torch_engine.ops import attention_backends
 
 if TYPE_CHECKING:
-    from torch_engine.model_runner import ModelInput, ModelRunner
+    from torch_engine.model_runner import ModelRunner
 
 log = logging.getLogger("lmq")
 
@@ -58,8 +61,8 @@ class DecodeGraphs:
         self.token_ids = torch.zeros(mb, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(mb, dtype=torch.int64, device=dev)
         self.slots = torch.zeros(mb, dtype=torch.int64, device=dev)
-        self.context_lens = torch.ones(mb, dtype=torch.int64, device=dev)
-        self.block_tables = torch.zeros(mb, mbl, dtype=torch.int64, device=dev)
+        self.context_lens = torch.ones(mb, dtype=torch.int32, device=dev)
+        self.block_tables = torch.zeros(mb, mbl, dtype=torch.int32, device=dev)
         self.lora_slots = torch.full((mb,), -1, dtype=torch.int64, device=dev)
         self.logits = torch.empty(mb, runner.config.model.vocab_size, dtype=torch.float32, device=dev)  # [mb, V]
         self.graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}
@@ -81,24 +84,24 @@ class DecodeGraphs:
                 self.graphs[key] = self._capture(*key)
         log.info("lmq: captured %d decode CUDA graphs in %.1f s", len(keys), time.perf_counter() - start)
 
-    def run(self, inp: ModelInput) -> torch.Tensor:
-        """Replays (capturing on first use) the bucket's graph; returns logits [B, V] float32."""
-        meta = inp.meta
-        b, nb = meta.decode_block_tables.shape
+    def run(self, step: StepInput) -> torch.Tensor:
+        """A decode-only step: replays (capturing on first use) the bucket's graph; returns the
+        logits of every row, [B, V] float32."""
+        b, nb = step.block_tables.shape
         bp = self.batch_buckets[bisect.bisect_left(self.batch_buckets, b)]
         nbp = self.block_buckets[bisect.bisect_left(self.block_buckets, max(nb, 1))]
         scratch = self.runner.scratch_block
-        self.token_ids[:b].copy_(inp.token_ids)
-        self.positions[:b].copy_(inp.positions)
-        self.slots[:b].copy_(meta.slot_mapping)
-        self.context_lens[:b].copy_(meta.decode_context_lens)
-        self.block_tables[:b, :nb].copy_(meta.decode_block_tables)
+        self.token_ids[:b].copy_(step.token_ids)
+        self.positions[:b].copy_(step.positions)
+        self.slots[:b].copy_(step.slot_mapping)
+        self.context_lens[:b].copy_(step.seq_lens)
+        self.block_tables[:b, :nb].copy_(step.block_tables)
         self.block_tables[:b, nb:nbp].fill_(scratch)
         self._pad_rows(slice(b, bp))
         rank = 0
-        if inp.lora is not None:
-            rank = inp.lora.rank
-            self.lora_slots[:b].copy_(inp.lora_slots)
+        if step.lora is not None:
+            rank = self.runner.lora_rank_bucket(step.lora.rank)
+            self.lora_slots[:b].copy_(step.lora.token_slots)
         key = (bp, nbp, rank)
         if key not in self.graphs:
             self.graphs[key] = self._capture(bp, nbp, rank)

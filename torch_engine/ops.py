@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lmq.attention import AttentionMetadata
 from lora.ops import LoRAMetadata, LoRAStack, add_lora
 from quant_tools.awq_format import dequantize
+from torch_engine.attention_metadata import AttentionMetadata
 
 # The backends `attention` may take on CUDA, entered once per step by the runner (`sdpa_kernel`
 # costs ~13 us a call: too much per layer). cuDNN is left out: it builds a plan for every shape
@@ -94,6 +94,16 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     v_cache.view(-1, *v.shape[1:])[slot_mapping] = v
 
 
+def rotary_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    slot_mapping: torch.Tensor) -> torch.Tensor:
+    """Rotary on q and k, then k and v written to the cache at slot_mapping (one op: a kernel
+    does both in one pass). q: [T, H, D], k, v: [T, Hkv, D] -> rotated q [T, H, D]."""
+    q, k = rotary(positions, q, k, cos_sin)
+    write_kv(k, v, k_cache, v_cache, slot_mapping)
+    return q
+
+
 def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
     """[num_blocks, bs, Hkv, D] by [B, nb] -> [B, Hkv, nb * bs, D]"""
     b, nb = block_tables.shape
@@ -103,13 +113,10 @@ def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
     return g.view(b, nb * cache.shape[1], *cache.shape[2:]).transpose(1, 2)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-              meta: AttentionMetadata, scale: float, window: int | None = None) -> torch.Tensor:
-    """Causal attention of the step's queries over the blocked cache.
-
-    q: [T, H, D]; k, v: [T, Hkv, D] (this step's, written to the cache first) -> [T, H, D]
-    """
-    write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+              scale: float, window: int | None = None) -> torch.Tensor:
+    """Causal attention of the step's queries over the blocked cache, which already holds this
+    step's K/V (`rotary_write_kv`). q: [T, H, D] -> [T, H, D]"""
     block_size, nd = k_cache.shape[1], meta.num_decode_tokens
     out = torch.empty_like(q)
     if nd:

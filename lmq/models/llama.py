@@ -12,18 +12,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from types import ModuleType
+from typing import Any
 
 import torch
 from torch import nn
 
-from lmq.attention import AttentionMetadata
 from lmq.config import LoRAConfig, ModelConfig, QuantConfig
 from lmq.multimodal import ImageEmbeds
 from lora.adapter import PROJECTIONS, LoRAAdapter
 from lora.ops import LoRAMetadata, LoRAStack
 
 
-def _param(*shape: int, dtype: torch.dtype | None = None) -> nn.Parameter:
+def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
+    """Uninitialized, on the current device context (`with torch.device(...)`), in an explicit
+    dtype: building a model never reads or changes torch's default dtype."""
     return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
 
 
@@ -31,7 +33,7 @@ AWQ_TENSORS = ("qweight", "qzeros", "scales")
 
 
 class Linear(nn.Module):
-    def __init__(self, parts: list[int], in_features: int, bias: bool = False,
+    def __init__(self, parts: list[int], in_features: int, dtype: torch.dtype, bias: bool = False,
                  quant: QuantConfig | None = None) -> None:
         """parts: output rows of each fused part (one entry for an unfused projection).
         quant: AWQ's 4-bit layout (quant_tools/awq_format.py) in place of a dense weight."""
@@ -39,13 +41,13 @@ class Linear(nn.Module):
         self.parts, self.in_features, self.quant = parts, in_features, quant
         out = sum(parts)
         if quant is None:
-            self.weight = _param(out, in_features)
+            self.weight = _param(out, in_features, dtype=dtype)
         else:
             groups = in_features // quant.group_size
             self.qweight = _param(in_features, out // 8, dtype=torch.int32)
             self.qzeros = _param(groups, out // 8, dtype=torch.int32)
-            self.scales = _param(groups, out)
-        self.bias = _param(out) if bias else None
+            self.scales = _param(groups, out, dtype=dtype)
+        self.bias = _param(out, dtype=dtype) if bias else None
         self.lora: LoRAStack | None = None
 
     def forward(self, ops: ModuleType, x: torch.Tensor, lora: LoRAMetadata | None) -> torch.Tensor:
@@ -70,20 +72,21 @@ class DecoderLayer(nn.Module):
         h, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.cfg = cfg
         self.window = cfg.sliding_windows[layer_idx]
-        q = cfg.quant
-        self.qkv_proj = Linear([h * d, hkv * d, hkv * d], cfg.hidden_size, bias=cfg.attention_bias, quant=q)
-        self.o_proj = Linear([cfg.hidden_size], h * d, quant=q)
-        self.q_norm = _param(d) if cfg.qk_norm else None
-        self.k_norm = _param(d) if cfg.qk_norm else None
-        self.gate_up_proj = Linear([cfg.intermediate_size] * 2, cfg.hidden_size, quant=q)
-        self.down_proj = Linear([cfg.hidden_size], cfg.intermediate_size, quant=q)
-        self.input_layernorm = _param(cfg.hidden_size)
-        self.post_attention_layernorm = _param(cfg.hidden_size)
+        q, dt = cfg.quant, cfg.dtype
+        self.qkv_proj = Linear([h * d, hkv * d, hkv * d], cfg.hidden_size, dt, bias=cfg.attention_bias, quant=q)
+        self.o_proj = Linear([cfg.hidden_size], h * d, dt, quant=q)
+        self.q_norm = _param(d, dtype=dt) if cfg.qk_norm else None
+        self.k_norm = _param(d, dtype=dt) if cfg.qk_norm else None
+        self.gate_up_proj = Linear([cfg.intermediate_size] * 2, cfg.hidden_size, dt, quant=q)
+        self.down_proj = Linear([cfg.hidden_size], cfg.intermediate_size, dt, quant=q)
+        self.input_layernorm = _param(cfg.hidden_size, dtype=dt)
+        self.post_attention_layernorm = _param(cfg.hidden_size, dtype=dt)
 
     def forward(self, ops: ModuleType, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
-                kv_cache: torch.Tensor, cos_sin: torch.Tensor, meta: AttentionMetadata,
+                kv_cache: torch.Tensor, cos_sin: torch.Tensor, meta: Any,
                 lora: LoRAMetadata | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: [T, hidden]; kv_cache: [2, num_blocks, block_size, Hkv, D]"""
+        """x: [T, hidden]; kv_cache: [2, num_blocks, block_size, Hkv, D]; meta: the ops' own attention
+        metadata (torch_engine.attention_metadata for torch_engine), with the step's slot_mapping."""
         cfg = self.cfg
         h, hkv, d, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
         x, residual = ops.rms_norm(x, self.input_layernorm, eps, residual)
@@ -93,8 +96,8 @@ class DecoderLayer(nn.Module):
         if self.q_norm is not None:
             q, _ = ops.rms_norm(q, self.q_norm, eps)
             k, _ = ops.rms_norm(k, self.k_norm, eps)
-        q, k = ops.rotary(positions, q, k, cos_sin)
-        o = ops.attention(q, k, v, kv_cache[0], kv_cache[1], meta, d ** -0.5, self.window)  # [T, H, D]
+        q = ops.rotary_write_kv(positions, q, k, v, cos_sin, kv_cache[0], kv_cache[1], meta.slot_mapping)
+        o = ops.attention(q, kv_cache[0], kv_cache[1], meta, d ** -0.5, self.window)  # [T, H, D]
         x = self.o_proj(ops, o.reshape(-1, h * d), lora)
         x, residual = ops.rms_norm(x, self.post_attention_layernorm, eps, residual)
         x = ops.silu_and_mul(self.gate_up_proj(ops, x, lora))
@@ -110,15 +113,15 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.ops = ops
-        self.embed_tokens = _param(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = _param(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
-        self.norm = _param(cfg.hidden_size)
-        self.lm_head = None if cfg.tie_word_embeddings else _param(cfg.vocab_size, cfg.hidden_size)
-        # [max_len, 2, D], float32 until the model is cast to its dtype (as transformers casts cos/sin)
-        self.register_buffer("cos_sin", _rope_cache(cfg), persistent=False)
+        self.norm = _param(cfg.hidden_size, dtype=cfg.dtype)
+        self.lm_head = None if cfg.tie_word_embeddings else _param(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype)
+        # [max_len, 2, D]: computed in float32, then cast to the model dtype (as transformers casts cos/sin)
+        self.register_buffer("cos_sin", _rope_cache(cfg).to(cfg.dtype), persistent=False)
 
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, kv_caches: torch.Tensor,
-                meta: AttentionMetadata, lora: LoRAMetadata | None = None,
+                meta: Any, lora: LoRAMetadata | None = None,
                 images: ImageEmbeds | None = None) -> torch.Tensor:
         """token_ids, positions: [T]; kv_caches: [L, 2, num_blocks, block_size, Hkv, D] -> [T, hidden].
         images: features that replace the embeddings of image placeholder rows."""
