@@ -163,6 +163,7 @@ class RequestOutput:
             lps = list(s.logprobs) if req.params.logprobs is not None else None
             cum = sum(lp[t].logprob for lp, t in zip(lps, ids)) if lps is not None else None
             text = s.text if s.is_finished or not hold else s.text[:max(len(s.text) - hold, 0)]
+            text = text if req.params.detokenize else ""
             outs.append(CompletionOutput(s.sample_index, text, ids, s.finish_reason, s.stop_reason, lps, cum))
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.is_finished,
                              req.prompt_logprobs if req.params.prompt_logprobs is not None else None,
