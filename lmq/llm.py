@@ -224,7 +224,11 @@ class LLM:
             prompts = [prompts]  # type: ignore[list-item]
         prompts = list(prompts)  # type: ignore[arg-type]
         params_list = self._params_per_prompt(sampling_params, len(prompts))
+        if lora_request is not None and not isinstance(lora_request, LoRARequest):
+            lora_request = list(lora_request)  # (read twice below)
         adapters = self._adapters_per_prompt(len(prompts), adapter, lora_request)
+        loras = [lora_request] * len(prompts) if lora_request is None or isinstance(lora_request, LoRARequest) \
+            else list(lora_request)
         ids = []
         try:
             for p, sp, name in zip(prompts, params_list, adapters):
@@ -236,7 +240,10 @@ class LLM:
             for rid in ids:
                 self.engine.abort(rid)
             raise
-        return self._run(ids, use_tqdm)
+        outs = self._run(ids, use_tqdm)
+        for out, lora in zip(outs, loras):
+            out.lora_request = lora
+        return outs
 
     def chat(self, messages: list[Message] | list[list[Message]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,

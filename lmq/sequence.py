@@ -12,6 +12,7 @@ import torch
 from lmq.sampling import Logprob, SamplingParams
 
 if TYPE_CHECKING:
+    from lmq.lora_request import LoRARequest
     from lmq.multimodal import ImageInput
     from lora.manager import Adapter
 
@@ -138,6 +139,10 @@ class CompletionOutput:
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float | None = None
 
+    def finished(self) -> bool:
+        """vLLM's: whether this sample has ended."""
+        return self.finish_reason is not None
+
 
 @dataclass
 class RequestOutput:
@@ -150,6 +155,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     arrival_time: float = 0.0  # time.monotonic() when the request was added
     first_token_time: float | None = None
+    lora_request: LoRARequest | None = None  # set by LLM.generate for a request made with one (as vLLM)
 
     @staticmethod
     def from_request(req: Request) -> RequestOutput:

@@ -97,6 +97,7 @@ def test_lora_request_reuses_and_refuses(base, lora_adapters):
     llm = _llm(base, enable_lora=True)
     a = LoRARequest("a", 1, lora_adapters["qv4"])
     first = llm.generate(PROMPTS[0], GREEDY, use_tqdm=False, lora_request=a)[0]
+    assert first.lora_request is a and first.outputs[0].finished()
     again = llm.generate(PROMPTS[0], GREEDY, use_tqdm=False, lora_request=LoRARequest("a", 1, lora_adapters["qv4"]))
     assert again[0].outputs[0].token_ids == first.outputs[0].token_ids
     assert llm.engine.adapters.registry.keys() == {"a"}  # loaded once
