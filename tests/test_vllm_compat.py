@@ -378,3 +378,15 @@ def test_help_shows_the_vllm_names():
     for flag in ("--lora-modules", "--api-key", "--served-model-name", "--host", "--port", "--enable-lora",
                  "--max-loras", "--max-lora-rank"):
         assert flag in serve, flag
+
+
+def test_quantization_awq_accepted_on_an_awq_checkpoint(base, tmp_path):
+    from quant_tools.awq import AWQConfig, quantize_checkpoint
+
+    # round-to-nearest (no search): only the checkpoint's format matters here
+    q = quantize_checkpoint(str(base), str(tmp_path / "awq"), AWQConfig(group_size=32, search=False,
+                                                                       calib_samples=2, calib_seqlen=16),
+                            [CORPUS[0] * 4] * 2)
+    ids = random_prompts(1, [9], seed=11)
+    checked = _llm(Path(q), quantization="awq").generate(ids, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    assert checked == _llm(Path(q)).generate(ids, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
