@@ -224,6 +224,8 @@ class EngineConfig:
         _check(self.scheduler.max_model_len <= self.model.max_model_len, "max_model_len",
                self.scheduler.max_model_len, f"<= the model's max_model_len={self.model.max_model_len}")
         _check(self.vision_max_batch_size >= 1, "vision_max_batch_size", self.vision_max_batch_size, ">= 1")
+        _check(isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 2**63, "seed",
+               self.seed, "an integer in [0, 2^63)")
 
     @property
     def tokenizer_path(self) -> str:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import random
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -88,7 +89,7 @@ def build_engine_config(model: str | None = None, *, backend: str = "auto", dtyp
                         gpu_memory_utilization: float = 0.9, kv_cache_gb: float = 2.0,
                         max_num_batched_tokens: int | None = None, max_num_seqs: int = 256,
                         max_model_len: int | None = None, enable_prefix_caching: bool = True,
-                        enable_cuda_graph: bool = True, enforce_eager: bool = False, seed: int = 0,
+                        enable_cuda_graph: bool = True, enforce_eager: bool = False, seed: int | None = 0,
                         enable_lora: bool = False, max_loras: int = 8, max_lora_rank: int = 64,
                         max_cpu_loras: int | None = None, vision_devices: Sequence[str] = (),
                         vision_max_batch_size: int = 16, tokenizer: str | None = None,
@@ -98,7 +99,8 @@ def build_engine_config(model: str | None = None, *, backend: str = "auto", dtyp
                         tokenizer_mode: str = "auto", kv_cache_dtype: str = "auto") -> EngineConfig:
     """Options as the CLI and LLM take them (lmq's names and vLLM's) -> a validated EngineConfig.
     enforce_eager (vLLM) = not enable_cuda_graph. enable_chunked_prefill=False: whole prompts
-    in one step (the token budget grows to max_model_len). chat_template: a file or the text."""
+    in one step (the token budget grows to max_model_len). chat_template: a file or the text.
+    seed=None (vLLM's "no seed"): one is drawn from the OS, and the config records it."""
     from transformers import AutoConfig, GenerationConfig
 
     path = resolve_model(model)
@@ -126,7 +128,7 @@ def build_engine_config(model: str | None = None, *, backend: str = "auto", dtyp
                         max_cpu_loras=max_cpu_loras or max(max_loras, 32)) if enable_lora else None,
         device=device,
         enable_cuda_graph=enable_cuda_graph and not enforce_eager,
-        seed=seed,
+        seed=random.SystemRandom().randrange(2**63) if seed is None else seed,
         vision_devices=tuple(vision_devices),
         vision_max_batch_size=vision_max_batch_size,
         tokenizer=str(Path(tokenizer).expanduser()) if tokenizer else None,

@@ -49,7 +49,8 @@ class SamplingParams:
     bad_words: tuple[str, ...] = ()  # texts whose token sequences are never generated
     allowed_token_ids: tuple[int, ...] | None = None  # only these tokens may be generated
     # vLLM's other names: best_of only as n (lmq never ranks extra samples); spaces_between_
-    # special_tokens is, as with vLLM's fast tokenizers, without effect on Rust decoding.
+    # special_tokens only True (the Rust tokenizer's decoding, as vLLM's fast path) unless special
+    # tokens are skipped anyway.
     best_of: int | None = None
     spaces_between_special_tokens: bool = True
     detokenize: bool = True  # False: outputs carry token ids, their text stays ""
@@ -137,7 +138,10 @@ class SamplingParams:
             ("stop", self.stop, self.detokenize or not self.stop, "empty when detokenize=False (stop strings "
              "are matched on the text)"),
             ("spaces_between_special_tokens", self.spaces_between_special_tokens,
-             isinstance(self.spaces_between_special_tokens, bool), "a bool"),
+             self.spaces_between_special_tokens is True or (self.spaces_between_special_tokens is False
+                                                            and self.skip_special_tokens),
+             "True, or False only with skip_special_tokens=True (lmq decodes special tokens as the Rust "
+             "tokenizer does)"),
             ("detokenize", self.detokenize, isinstance(self.detokenize, bool), "a bool"),
         ]
 

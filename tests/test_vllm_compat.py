@@ -141,16 +141,26 @@ def test_honoured_options_reach_the_config(base):
     assert c.scheduler.max_num_batched_tokens == 300  # no chunking: a whole prompt fits one step
     assert c.cache.enable_prefix_caching is False
     assert build_engine_config(str(base), device="cpu").enable_cuda_graph is True
+    seeds = {build_engine_config(str(base), device="cpu", seed=None).seed for _ in range(2)}
+    assert len(seeds) == 2 and all(isinstance(s, int) for s in seeds)  # vLLM's "no seed": a fresh one
+    with pytest.raises(ValueError, match="seed=-1 is invalid"):
+        build_engine_config(str(base), device="cpu", seed=-1)
 
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(n=1, best_of=2), "best_of=2 is invalid"),
     (dict(truncate_prompt_tokens=0), "truncate_prompt_tokens=0 is invalid"),
     (dict(detokenize=False, stop=["x"]), "empty when detokenize=False"),
+    (dict(spaces_between_special_tokens=False, skip_special_tokens=False), "spaces_between_special_tokens=False is"),
 ])
 def test_sampling_params_vllm_names_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+def test_sampling_params_vllm_names_accepted():
+    p = SamplingParams(n=2, best_of=2, truncate_prompt_tokens=-1, spaces_between_special_tokens=False, detokenize=False)
+    assert (p.best_of, p.truncate_prompt_tokens, p.spaces_between_special_tokens, p.detokenize) == (2, -1, False, False)
 
 
 def test_no_global_seed_and_seeded_runs_repeat(base):
@@ -367,14 +377,20 @@ def test_cli_refusals_name_the_option(base, argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_help_shows_the_vllm_names():
+def _help(command: str, capsys) -> str:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    return capsys.readouterr().out
+
+
+def test_help_shows_the_vllm_names(capsys):
     for command in ("serve", "generate", "chat"):
-        text = build_parser()._subparsers._group_actions[0].choices[command].format_help()
+        text = _help(command, capsys)
         for flag in ("--tokenizer", "--chat-template", "--seed", "--enforce-eager", "--enable-prefix-caching",
                      "--no-enable-prefix-caching", "--max-model-len", "--gpu-memory-utilization", "--max-num-seqs",
                      "--max-num-batched-tokens", "--dtype", "--tensor-parallel-size"):
             assert flag in text, (command, flag)
-    serve = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()
+    serve = _help("serve", capsys)
     for flag in ("--lora-modules", "--api-key", "--served-model-name", "--host", "--port", "--enable-lora",
                  "--max-loras", "--max-lora-rank"):
         assert flag in serve, flag
