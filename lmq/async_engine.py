@@ -35,7 +35,7 @@ from lmq.config import EngineConfig
 from lmq.deltas import OutputAssembler
 from lmq.engine import EngineStats, validate_request
 from lmq.multimodal import ProcessedImage, expand_image_tokens
-from lmq.sampling import SamplingParams
+from lmq.sampling import SamplingParams, truncate_prompt
 from lmq.sequence import RequestOutput
 from lmq.tokenizer import Tokenizer
 
@@ -116,7 +116,7 @@ class AsyncEngine:
         ops_in.close()
         updates_out.close()
         try:
-            self.tokenizer = Tokenizer(config.model.path)  # while the child loads the model
+            self.tokenizer = Tokenizer.for_config(config)  # while the child loads the model
             started = self._wait_started(start_timeout)
         except BaseException:
             self._kill()
@@ -166,6 +166,7 @@ class AsyncEngine:
         LLMEngine.add_request (e.g. adapter="name"); what only the engine can check (an unknown
         adapter, an encoder failure) fails the stream instead."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = truncate_prompt(ids, params, self.config.scheduler.max_model_len, bool(images))
         ids, inputs = expand_image_tokens(ids, list(images or []), self.config.model.vision)
         if inputs:
             extra["images"] = inputs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -12,13 +13,18 @@ from quant_tools.cli import add_awq_command
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
+    """Engine options; where vLLM has a flag of the same meaning, its name is the flag or an alias."""
     g = p.add_argument_group("model and engine")
     g.add_argument("--model", default=None,
                    help="HF folder or .gguf file (default: the built-in SmolLM2-135M-Instruct)")
+    g.add_argument("--tokenizer", default=None, help="tokenizer folder, if not the model's own")
+    g.add_argument("--chat-template", default=None, metavar="TEMPLATE",
+                   help="chat template replacing the tokenizer's: a Jinja file or the template text itself")
     g.add_argument("--backend", choices=("auto", *BACKENDS), default="auto", help="engine (default: auto)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: the checkpoint's dtype on a GPU, float32 on CPU")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "half", "float"],
+                   help="auto: the checkpoint's dtype on a GPU, float32 on CPU (half = float16, float = float32)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the draws of requests without their own (default: 0)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
     g.add_argument("--num-kv-blocks", type=int, default=None, help="fix the KV block count instead of sizing it")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
@@ -28,10 +34,30 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="token budget per step; longer prompts are prefilled in chunks")
     g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    g.add_argument("--no-prefix-caching", action="store_true", help="disable automatic prefix caching")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="automatic prefix caching (default: on)")
+    g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   help="the same as --no-enable-prefix-caching")
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs: every decode step runs eagerly")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="let transformers run the model folder's own config / tokenizer code")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="vLLM's; lmq runs a model on one GPU, so only 1 is accepted")
+    g.add_argument("--quantization", "-q", default=None, choices=["awq"],
+                   help="check that the checkpoint is AWQ (default: whatever the checkpoint is)")
 
 
 def _adapter_pair(text: str) -> tuple[str, str]:
+    """NAME=PATH, or vLLM's JSON form {"name": ..., "path": ...}."""
+    if text.lstrip().startswith("{"):
+        try:
+            spec = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"invalid JSON adapter {text!r}: {e}") from None
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or \
+                not isinstance(spec.get("path"), str) or not spec["name"] or not spec["path"]:
+            raise argparse.ArgumentTypeError(f'expected {{"name": NAME, "path": PATH}}, got {text!r}')
+        return spec["name"], spec["path"]
     name, sep, path = text.partition("=")
     if not sep or not name or not path:
         raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
@@ -40,8 +66,9 @@ def _adapter_pair(text: str) -> tuple[str, str]:
 
 def _lora_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("multi-LoRA")
-    g.add_argument("--adapters", nargs="+", type=_adapter_pair, default=[], metavar="NAME=PATH",
-                   help="peft LoRA folders to serve, each under its NAME (enables LoRA)")
+    g.add_argument("--adapters", "--lora-modules", nargs="+", type=_adapter_pair, default=[], metavar="NAME=PATH",
+                   help='peft LoRA folders to serve, each under its NAME (enables LoRA); also vLLM\'s JSON form '
+                        '\'{"name": NAME, "path": PATH}\'')
     g.add_argument("--enable-lora", action="store_true", help="allow adapters loaded at run time")
     g.add_argument("--max-loras", type=int, default=8, help="adapters one step may mix: device slots (default: 8)")
     g.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank accepted (default: 64)")
@@ -72,7 +99,6 @@ def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     g.add_argument("--top-k", type=int, default=-1)
     g.add_argument("--min-p", type=float, default=0.0)
     g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
@@ -81,7 +107,10 @@ def _engine_options(args: argparse.Namespace) -> dict:
                 num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
                 kv_cache_gb=args.kv_cache_gb, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-                enable_prefix_caching=not args.no_prefix_caching)
+                enable_prefix_caching=args.enable_prefix_caching, tokenizer=args.tokenizer,
+                chat_template=args.chat_template, seed=args.seed, enforce_eager=args.enforce_eager,
+                trust_remote_code=args.trust_remote_code, tensor_parallel_size=args.tensor_parallel_size,
+                quantization=args.quantization)
     if hasattr(args, "vision_devices"):
         opts.update(vision_devices=tuple(args.vision_devices), vision_max_batch_size=args.vision_max_batch_size)
     if hasattr(args, "adapters"):
@@ -100,15 +129,15 @@ def _llm(args: argparse.Namespace):
 def _params(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                          seed=args.seed, stop=tuple(args.stop))
+                          stop=tuple(args.stop))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     llm = _llm(args)
     params = _params(args)
     for prompt in args.prompt:
-        ids = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if args.chat_template \
-            else prompt
+        chat = args.chat or args.chat_template is not None
+        ids = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
         for delta in llm.stream(ids, params, adapter=args.adapter):
             print(delta, end="", flush=True)
         print()
@@ -189,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="complete one or more prompts and print the text",
                          description="Complete prompts with the model, streaming the text.")
     gen.add_argument("prompt", nargs="+", help="prompt text (several prompts run one after another)")
-    gen.add_argument("--chat-template", action="store_true", help="wrap each prompt as a user chat message")
+    gen.add_argument("--chat", action="store_true",
+                     help="wrap each prompt as a user chat message (implied by --chat-template)")
     gen.add_argument("--adapter", default=None, help="generate with this adapter (one of --adapters)")
     _engine_args(gen)
     _lora_args(gen)
@@ -207,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     srv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     srv.add_argument("--served-model-name", default=None, help="the `model` clients send (default: folder name)")
-    srv.add_argument("--api-keys", default=None, help="comma-separated keys; /v1/* then needs 'Bearer <key>'")
+    srv.add_argument("--api-keys", "--api-key", default=None,
+                     help="comma-separated keys; /v1/* then needs 'Bearer <key>'")
     srv.add_argument("--max-queue-len", type=int, default=None,
                      help="waiting requests before new ones get 429 (default: unbounded)")
     srv.add_argument("--lora-dir", default=None,

@@ -214,6 +214,9 @@ class EngineConfig:
     # `device` is CUDA, else `device`), each encoding up to this many images at once.
     vision_devices: tuple[str, ...] = ()
     vision_max_batch_size: int = 16
+    tokenizer: str | None = None  # a tokenizer folder other than the model's (None: the model folder)
+    chat_template: str | None = None  # Jinja template text replacing the tokenizer's own
+    trust_remote_code: bool = False  # passed to transformers when it reads the config and tokenizer
 
     def __post_init__(self) -> None:
         _check(self.backend in ("pytorch", "turbomind"), "backend", self.backend, "'pytorch' or 'turbomind'")
@@ -221,6 +224,12 @@ class EngineConfig:
         _check(self.scheduler.max_model_len <= self.model.max_model_len, "max_model_len",
                self.scheduler.max_model_len, f"<= the model's max_model_len={self.model.max_model_len}")
         _check(self.vision_max_batch_size >= 1, "vision_max_batch_size", self.vision_max_batch_size, ">= 1")
+        _check(isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 2**63, "seed",
+               self.seed, "an integer in [0, 2^63)")
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer or self.model.path
 
     def with_num_kv_blocks(self, num_blocks: int) -> EngineConfig:
         return dataclasses.replace(self, cache=dataclasses.replace(self.cache, num_kv_blocks=num_blocks))

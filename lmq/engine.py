@@ -23,6 +23,7 @@ from lmq.sampling import (
     banned_token_ids,
     step_seed,
     token_logprobs,
+    truncate_prompt,
     with_bad_words_token_ids,
 )
 from lmq.scheduler import ScheduledBatch, ScheduledSeq, Scheduler
@@ -127,7 +128,8 @@ class LLMEngine:
                                    self.runner.device)
         self.tokenizer = tokenizer
         self.detokenizer = Detokenizer(tokenizer)
-        self.sampler = Sampler(torch.Generator(device=self.runner.device).manual_seed(config.seed))
+        self.sampler = Sampler(torch.Generator(device=self.runner.device).manual_seed(config.seed),
+                               tokenizer.token_texts)
         self.requests: dict[str, Request] = {}
         self.streaming: set[str] = set()
         self._seq_ids = itertools.count()
@@ -162,6 +164,7 @@ class LLMEngine:
             raise ValueError(f"request_id={request_id!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = truncate_prompt(ids, params, self.max_model_len, bool(images))
         images = list(images or [])
         if images and isinstance(images[0], ProcessedImage):
             ids, images = expand_image_tokens(ids, images, self.config.model.vision)
@@ -407,7 +410,8 @@ class LLMEngine:
         first = len(req.prompt_logprobs)
         targets = torch.tensor(req.prompt_token_ids[first:first + logits.shape[0]], device=logits.device)
         k = req.params.prompt_logprobs
-        req.prompt_logprobs.extend(token_logprobs(logits.log_softmax(-1), targets, [k] * len(targets)))
+        req.prompt_logprobs.extend(token_logprobs(logits.log_softmax(-1), targets, [k] * len(targets),
+                                                  self.tokenizer.token_texts))
 
     def _append(self, seq: Sequence, token: int, logprobs: dict | None) -> None:
         seq.token_ids.append(token)

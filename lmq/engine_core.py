@@ -116,7 +116,7 @@ def run_engine_core(config: EngineConfig, ops: Connection, updates: Connection) 
     from lmq.tokenizer import Tokenizer
 
     try:
-        engine = LLMEngine(config, Tokenizer(config.model.path))
+        engine = LLMEngine(config, Tokenizer.for_config(config))
     except BaseException as e:
         updates.send(CoreStarted(None, None, portable(e)))
         return

@@ -12,6 +12,7 @@ is where the host waits for the tokens. Between the two the engine has the host 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -47,6 +48,13 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
     bad_words: tuple[str, ...] = ()  # texts whose token sequences are never generated
     allowed_token_ids: tuple[int, ...] | None = None  # only these tokens may be generated
+    # vLLM's other names: best_of only as n (lmq never ranks extra samples); spaces_between_
+    # special_tokens only True (the Rust tokenizer's decoding, as vLLM's fast path) unless special
+    # tokens are skipped anyway.
+    best_of: int | None = None
+    spaces_between_special_tokens: bool = True
+    detokenize: bool = True  # False: outputs carry token ids, their text stays ""
+    truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: max_model_len)
     # bad_words as token sequences (both tokenizations, with and without a leading space), filled
     # by the engine from its tokenizer (`with_bad_words_token_ids`).
     bad_words_token_ids: tuple[tuple[int, ...], ...] = field(default=(), repr=False)
@@ -99,6 +107,7 @@ class SamplingParams:
              "non-negative integers"),
         ]
         checks += self._token_control_checks(is_int, is_num)
+        checks += self._vllm_checks(is_int)
         for name, value, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"{name}={value!r} is invalid: must be {allowed}")
@@ -119,6 +128,22 @@ class SamplingParams:
             checks.append((f"logit_bias[{token!r}]", bias, is_num(bias, -100.0, 100.0), "a number in [-100, 100]"))
             checks.append(("logit_bias", token, is_int(token, 0), "keyed by non-negative integer token ids"))
         return checks
+
+    def _vllm_checks(self, is_int) -> list[tuple[str, object, bool, str]]:
+        k = self.truncate_prompt_tokens
+        return [
+            ("best_of", self.best_of, self.best_of is None or self.best_of == self.n,
+             f"None or equal to n={self.n} (lmq does not rank extra samples; ask for n samples)"),
+            ("truncate_prompt_tokens", k, k is None or k == -1 or is_int(k, 1), "None, -1 or an integer >= 1"),
+            ("stop", self.stop, self.detokenize or not self.stop, "empty when detokenize=False (stop strings "
+             "are matched on the text)"),
+            ("spaces_between_special_tokens", self.spaces_between_special_tokens,
+             self.spaces_between_special_tokens is True or (self.spaces_between_special_tokens is False
+                                                            and self.skip_special_tokens),
+             "True, or False only with skip_special_tokens=True (lmq decodes special tokens as the Rust "
+             "tokenizer does)"),
+            ("detokenize", self.detokenize, isinstance(self.detokenize, bool), "a bool"),
+        ]
 
     def token_ids_out_of(self, vocab: int) -> tuple[str, int] | None:
         """(field, token id) of the first token id these params name that is not in [0, vocab)."""
@@ -172,6 +197,21 @@ def with_bad_words_token_ids(params: SamplingParams, encode) -> SamplingParams:
     return dataclasses.replace(params, bad_words_token_ids=tuple(seqs))
 
 
+def truncate_prompt(ids: list[int], params: SamplingParams, max_model_len: int, has_images: bool) -> list[int]:
+    """The prompt's last `truncate_prompt_tokens` tokens (-1: the last max_model_len), as vLLM
+    keeps them. Refused for prompts with images, whose placeholder tokens a cut would split."""
+    k = params.truncate_prompt_tokens
+    if k is None:
+        return ids
+    k = max_model_len if k == -1 else k
+    if len(ids) <= k:
+        return ids
+    if has_images:
+        raise ValueError(f"truncate_prompt_tokens={params.truncate_prompt_tokens} would cut a prompt with images "
+                         f"({len(ids)} tokens): shorten the text instead")
+    return ids[-k:]
+
+
 def banned_token_ids(params: SamplingParams, output_token_ids: list[int], stop_ids: frozenset[int]) -> list[int]:
     """Tokens this row must not produce next: EOS / stop tokens before min_tokens, and the last
     token of every bad word whose other tokens end the output so far (vLLM's rule)."""
@@ -189,9 +229,14 @@ def banned_token_ids(params: SamplingParams, output_token_ids: list[int], stop_i
 
 @dataclass(frozen=True)
 class Logprob:
+    """vLLM's Logprob: one token's log-probability, its rank, and its text."""
+
     logprob: float
     rank: int  # 1 = the most likely token
-    decoded_token: str | None = None
+    decoded_token: str | None = None  # the token's own text
+
+
+TokenTexts = Callable[[list[int]], list[str]]
 
 
 def step_seed(seed: int, offset: int) -> int:
@@ -316,8 +361,10 @@ def _random_sample(logits: torch.Tensor, rows: list[SamplerRow], generator: torc
     return (probs / q).argmax(-1)
 
 
-def token_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: list[int]) -> list[dict[int, Logprob]]:
-    """logprobs: [N, V] log-softmax; token_ids: [N]; k[i] alternatives for row i."""
+def token_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: list[int],
+                   decode: TokenTexts | None = None) -> list[dict[int, Logprob]]:
+    """logprobs: [N, V] log-softmax; token_ids: [N]; k[i] alternatives for row i. decode: token
+    ids -> their texts, for `Logprob.decoded_token` (None: left None)."""
     chosen = logprobs.gather(1, token_ids[:, None])  # [N, 1]
     ranks = ((logprobs > chosen).sum(-1) + 1).tolist()
     max_k = max(k) if k else 0
@@ -331,11 +378,10 @@ def token_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: list[int]
     chosen_l, ids = chosen[:, 0].tolist(), token_ids.tolist()
     out: list[dict[int, Logprob]] = []
     for i in range(len(ids)):
-        entry = {}
-        for j in range(k[i]):
-            entry[top_i_l[i][j]] = Logprob(top_v_l[i][j], top_r_l[i][j])
-        entry[ids[i]] = Logprob(chosen_l[i], ranks[i])
-        out.append(entry)
+        row = [(top_i_l[i][j], top_v_l[i][j], top_r_l[i][j]) for j in range(k[i])]
+        row.append((ids[i], chosen_l[i], ranks[i]))
+        texts = decode([t for t, _, _ in row]) if decode is not None else [None] * len(row)
+        out.append({t: Logprob(v, r, text) for (t, v, r), text in zip(row, texts)})
     return out
 
 
@@ -348,21 +394,25 @@ class SampledTokens:
     logprobs_of: torch.Tensor | None  # [Bw, V] float32 logits of those rows
     chosen: torch.Tensor | None  # [Bw] their tokens
     ks: list[int]  # their top-k alternatives
+    decode: TokenTexts | None = None  # fills Logprob.decoded_token
 
     def result(self) -> SamplerOutput:
         logprobs: list[dict[int, Logprob] | None] = [None] * self.tokens.shape[0]
         if self.want:
-            for i, entry in zip(self.want, token_logprobs(self.logprobs_of.log_softmax(-1), self.chosen, self.ks)):
+            lps = token_logprobs(self.logprobs_of.log_softmax(-1), self.chosen, self.ks, self.decode)
+            for i, entry in zip(self.want, lps):
                 logprobs[i] = entry
         return SamplerOutput(token_ids=self.tokens.tolist(), logprobs=logprobs)
 
 
 class Sampler:
     """Turns a step's logits [B, V] into one token per row. `generator`: draws of rows without
-    a seed of their own (on the logits' device)."""
+    a seed of their own (on the logits' device). `decode`: token ids -> texts, for the
+    logprobs' `decoded_token`."""
 
-    def __init__(self, generator: torch.Generator | None = None) -> None:
+    def __init__(self, generator: torch.Generator | None = None, decode: TokenTexts | None = None) -> None:
         self.generator = generator
+        self.decode = decode
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplerRow]) -> SamplerOutput:
         return self.launch(logits, rows).result()
@@ -387,4 +437,5 @@ class Sampler:
             return SampledTokens(tokens, want, None, None, [])
         index = to_device(want, raw.device)
         # Logprobs are of the model's distribution (before penalties), like vLLM's default.
-        return SampledTokens(tokens, want, raw[index], tokens[index], [rows[i].params.logprobs for i in want])
+        return SampledTokens(tokens, want, raw[index], tokens[index], [rows[i].params.logprobs for i in want],
+                             self.decode)

@@ -12,6 +12,7 @@ import torch
 from lmq.sampling import Logprob, SamplingParams
 
 if TYPE_CHECKING:
+    from lmq.lora_request import LoRARequest
     from lmq.multimodal import ImageInput
     from lora.manager import Adapter
 
@@ -137,6 +138,10 @@ class CompletionOutput:
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float | None = None
 
+    def finished(self) -> bool:
+        """vLLM's: whether this sample has ended."""
+        return self.finish_reason is not None
+
 
 @dataclass
 class RequestOutput:
@@ -149,6 +154,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     arrival_time: float = 0.0  # time.monotonic() when the request was added
     first_token_time: float | None = None
+    lora_request: LoRARequest | None = None  # set by LLM.generate for a request made with one (as vLLM)
 
     @staticmethod
     def from_request(req: Request) -> RequestOutput:
@@ -162,6 +168,7 @@ class RequestOutput:
             lps = list(s.logprobs) if req.params.logprobs is not None else None
             cum = sum(lp[t].logprob for lp, t in zip(lps, ids)) if lps is not None else None
             text = s.text if s.is_finished or not hold else s.text[:max(len(s.text) - hold, 0)]
+            text = text if req.params.detokenize else ""
             outs.append(CompletionOutput(s.sample_index, text, ids, s.finish_reason, s.stop_reason, lps, cum))
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.is_finished,
                              req.prompt_logprobs if req.params.prompt_logprobs is not None else None,

@@ -3,19 +3,53 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from transformers import AutoTokenizer
 
 from lmq.sequence import Sequence
 
+if TYPE_CHECKING:
+    from lmq.config import EngineConfig
+
 _CONTEXT_TOKENS = 5  # prompt tokens decoded with the output so leading spaces/merges come out right
 
 
 class Tokenizer:
-    def __init__(self, path: str) -> None:
-        self.hf = AutoTokenizer.from_pretrained(path)
+    def __init__(self, path: str, chat_template: str | None = None, trust_remote_code: bool = False) -> None:
+        """path: a folder with tokenizer.json. chat_template: Jinja text replacing the folder's own."""
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"tokenizer={path!r} is not a folder (expected one with tokenizer.json; "
+                                    "tokenizers are never downloaded)")
+        self.hf = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         if not self.hf.is_fast:
             raise ValueError(f"the tokenizer in {path} is not a fast (Rust) tokenizer; lmq needs tokenizer.json")
+        if chat_template is not None:
+            self.hf.chat_template = chat_template
+        self._token_texts: dict[int, str] = {}
+
+    @staticmethod
+    def for_config(config: EngineConfig) -> Tokenizer:
+        """The tokenizer an engine's config names (`tokenizer`, else the model folder)."""
+        return Tokenizer(config.tokenizer_path, config.chat_template, config.trust_remote_code)
+
+    def __len__(self) -> int:
+        return len(self.hf)
+
+    def token_texts(self, token_ids: list[int]) -> list[str]:
+        """Each token's own text, as vLLM's `Logprob.decoded_token` has it (the token converted
+        to a string alone, special tokens included; a piece of a UTF-8 character reads U+FFFD;
+        an id past the tokenizer's vocabulary, which a model's padded embedding may have, "")."""
+        cache = self._token_texts
+        out = []
+        for t in token_ids:
+            text = cache.get(t)
+            if text is None:
+                token = self.hf.convert_ids_to_tokens(t)
+                text = cache[t] = "" if token is None else self.hf.convert_tokens_to_string([token])
+            out.append(text)
+        return out
 
     @property
     def eos_token_id(self) -> int | None:
@@ -28,14 +62,18 @@ class Tokenizer:
         return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            continue_final_message: bool = False, **template_kwargs: object) -> list[int]:
-        """messages: [{"role": ..., "content": ...}] -> prompt token ids. continue_final_message:
-        the last (assistant) message stays open for the model to go on with; template_kwargs are
-        extra variables the template reads (e.g. enable_thinking)."""
-        if not self.hf.chat_template:
-            raise ValueError("this model has no chat template; use generate() with a plain prompt")
+                            chat_template: str | None = None, continue_final_message: bool = False,
+                            **template_kwargs: object) -> list[int]:
+        """messages: [{"role": ..., "content": ...}] -> prompt token ids. chat_template: Jinja
+        text for this call (default: the tokenizer's, or the one it was built with).
+        continue_final_message: the last (assistant) message stays open for the model to go on
+        with; template_kwargs are extra variables the template reads (e.g. enable_thinking, tools)."""
+        if not (chat_template or self.hf.chat_template):
+            raise ValueError("this model has no chat template: give one (--chat-template / chat_template=) or use "
+                             "generate() with a plain prompt")
         text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                           continue_final_message=continue_final_message, **template_kwargs)
+                                           chat_template=chat_template, continue_final_message=continue_final_message,
+                                           **template_kwargs)
         return self.hf.encode(text, add_special_tokens=False)
 
     @property
@@ -57,6 +95,17 @@ class Tokenizer:
         except jinja2.TemplateSyntaxError:  # a tag of transformers' own ({% generation %}): read the text
             return "tools" in self.chat_template
         return "tools" in jinja2.meta.find_undeclared_variables(ast)
+
+
+def load_chat_template(value: str) -> str:
+    """vLLM's --chat-template: a file's path (read) or the Jinja template itself (inline)."""
+    p = Path(value).expanduser()
+    if p.is_file():
+        return p.read_text()
+    if any(c in value for c in "{}\n"):
+        return value
+    raise ValueError(f"chat_template={value!r} is neither a file that exists nor a Jinja template "
+                     "(inline templates contain '{{' or '{%')")
 
 
 class Detokenizer:

@@ -45,7 +45,8 @@ def render_chat(route: Route, messages: list[dict], add_generation_prompt: bool,
     try:
         if tools:
             kwargs["tools"] = tools
-        return route.tokenizer.apply_chat_template(messages, add_generation_prompt, continue_final_message, **kwargs)
+        return route.tokenizer.apply_chat_template(messages, add_generation_prompt,
+                                                continue_final_message=continue_final_message, **kwargs)
     except ValueError as e:
         raise APIError(400, str(e), param="messages") from None
     except Exception as e:  # the template itself rejected the conversation (e.g. role order)

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def _lmq(*args: str, stdin: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    exe = shutil.which("lmq") or str(__import__("pathlib").Path(sys.executable).with_name("lmq"))
-    return subprocess.run([exe, *args], input=stdin, capture_output=True, text=True, timeout=timeout)
+    exe = shutil.which("lmq") or str(Path(sys.executable).with_name("lmq"))
+    # The console script imports the installed (editable) lmq: point it at this checkout's.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([exe, *args], input=stdin, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def test_help_lists_commands_and_options():
@@ -23,7 +29,7 @@ def test_help_lists_commands_and_options():
 
 
 def test_generate_on_default_model():
-    r = _lmq("generate", "--chat-template", "What is the capital of France?", "--max-tokens", "24", "--device", "cpu")
+    r = _lmq("generate", "--chat", "What is the capital of France?", "--max-tokens", "24", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
 
