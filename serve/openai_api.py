@@ -22,6 +22,7 @@ from serve.errors import APIError, bad_value, error_body
 from serve.metrics import Metrics
 from serve.protocol import ChatCompletionRequest, CompletionRequest
 from serve.router import Route
+from serve.structured_output import guided_decoding
 from vision.media import MediaError
 
 # Optional request fields that map one to one onto SamplingParams; unset ones keep its defaults.
@@ -49,6 +50,7 @@ class Job:
 def sampling_params(req: ChatCompletionRequest | CompletionRequest, max_tokens: int | None,
                     logprobs: int | None) -> SamplingParams:
     values = {k: getattr(req, k) for k in _SAMPLING_FIELDS if getattr(req, k) is not None}
+    values["guided_decoding"] = guided_decoding(req)  # a 400 naming the field if it cannot compile
     try:  # SamplingParams normalizes stop / stop_token_ids (a string, a list or None)
         return SamplingParams(n=req.n, max_tokens=max_tokens, stop=req.stop or (),
                               stop_token_ids=req.stop_token_ids or (), seed=req.seed, ignore_eos=req.ignore_eos,

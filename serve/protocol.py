@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from serve.structured_output import StructuredOutputFields
+
 
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -33,7 +35,7 @@ class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
-class _SamplingFields(_Lenient):
+class _SamplingFields(_Lenient, StructuredOutputFields):
     model: str
     temperature: float | None = None
     top_p: float | None = None
