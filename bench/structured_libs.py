@@ -74,17 +74,6 @@ class XGrammar:
         return all(m.accept_token(t) for t in ids) and m.is_completed()
 
 
-class XGrammarLmq(XGrammar):
-    """xgrammar as lmq drives it: bounded strings rewritten as patterns (lmq/structured.py)."""
-
-    name = "xgrammar_lmq"
-
-    def compile(self, kind: str, spec):
-        from lmq.structured import _bounded_strings_as_patterns
-
-        return super().compile(kind, _bounded_strings_as_patterns(spec) if kind == "json" else spec)
-
-
 class LLGuidance:
     name = "llguidance"
 
@@ -172,7 +161,23 @@ PROBES = [
     ({"type": "array", "items": {"type": "integer"}, "minItems": 2}, "[1]", False),
     ({"type": "integer", "minimum": 3, "maximum": 12}, "13", False),
     ({"enum": ["a", 1, True]}, "true", True),
+    # Byte tokens: an overlong encoding and a UTF-16 surrogate are not UTF-8, so not JSON text.
+    ({"type": "string", "maxLength": 3}, b'"\xe0\x91\xa7"', False),
+    ({"type": "string"}, b'"\xed\xb5\xb6"', False),
 ]
+
+
+def byte_ids(hf, data: bytes) -> list[int]:
+    """One byte-level BPE token per byte (GPT-2's byte-to-character table)."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return hf.convert_tokens_to_ids([table[b] for b in data])
 
 
 def probe(lib, hf) -> list[str]:
@@ -180,10 +185,10 @@ def probe(lib, hf) -> list[str]:
     wrong = []
     for schema, text, ok in PROBES:
         m = lib.matcher(lib.compile("json", schema))
-        ids = hf.encode(text, add_special_tokens=False)
+        ids = byte_ids(hf, text) if isinstance(text, bytes) else hf.encode(text, add_special_tokens=False)
         accepted = lib.accepts(m, ids)
         if accepted != ok:
-            wrong.append(f"{json.dumps(schema)} {'accepts' if accepted else 'rejects'} {text}")
+            wrong.append(f"{json.dumps(schema)} {'accepts' if accepted else 'rejects'} {text!r}")
     return wrong
 
 
@@ -211,7 +216,7 @@ def main() -> None:
     specs = [("json", random_schema(rng)) for _ in range(args.schemas)]
     specs += [("regex", random_regex(rng)) for _ in range(args.regexes)]
     results = {}
-    for cls in (XGrammar, XGrammarLmq, LLGuidance):
+    for cls in (XGrammar, LLGuidance):
         t0 = time.perf_counter()
         lib = cls(hf, vocab)
         setup_ms = 1e3 * (time.perf_counter() - t0)

@@ -216,7 +216,6 @@ def test_default_model_follows_choice_enum_and_number(default_llm):
               for k, v in specs]
     params.append(replace(params[1], temperature=0.8, seed=SEED, n=2))
     outs = [default_llm.chat(q, p)[0] for p in params]
-    assert outs[0].outputs[0].text == "Paris"
     for (kind, spec), out in zip(specs + [specs[1]], outs):
         for c in out.outputs:
             assert c.finish_reason == "stop"
