@@ -86,14 +86,16 @@ def test_bitmask_masks_exactly_the_tokens_the_matchers_reject(tiny_models):
     matchers = [grammars.matcher(g) for g in specs]
     for m in matchers[::2]:  # some a few tokens in
         for _ in range(2):
-            allowed = [t for t in range(vocab) if m.validate_tokens([t]) == 1]
-            assert m.consume_token(rng.choice(allowed))
+            allowed = [t for t in range(vocab) if m.validate_tokens([t]) == 1 and t != 2]  # 2: EOS
+            if allowed:
+                assert m.consume_token(rng.choice(allowed))
     logits = torch.randn(9, vocab, generator=torch.Generator().manual_seed(SEED))
     rows = [0, 2, 3, 5, 7, 8]
     ours = grammars.apply(logits, rows, grammars.fill(matchers))
     for r, m in zip(rows, matchers):  # the oracle: ask each matcher about each token
         ok = torch.tensor([m.validate_tokens([t]) == 1 for t in range(vocab)])
-        assert ok.any() and not ok[300:].any()  # ids past the tokenizer's ~300 are never allowed
+        ok[2] = m.is_accepting()  # EOS (2): allowed once the grammar accepts (alone once it stopped)
+        assert (ok.any() or m.is_stopped()) and not ok[300:].any()  # ids past the tokenizer's ~300 are never allowed
         assert torch.equal(ours[r], logits[r].masked_fill(~ok, float("-inf")))
     untouched = [i for i in range(9) if i not in rows]
     assert torch.equal(ours[untouched], logits[untouched])
