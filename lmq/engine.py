@@ -29,6 +29,7 @@ from lmq.sampling import (
 from lmq.scheduler import ScheduledBatch, ScheduledSeq, Scheduler
 from lmq.sequence import Request, RequestOutput, Sequence
 from lmq.step_builder import StepBuilder
+from lmq.structured import Grammars, check_guided
 from lmq.tokenizer import Detokenizer, Tokenizer
 from lmq.transfer import to_device
 from lora.adapter import LoRAAdapter
@@ -90,6 +91,8 @@ def validate_request(config: EngineConfig, ids: list[int], params: SamplingParam
                          f"only num_kv_blocks={num_blocks}")
     if params.n > config.scheduler.max_num_seqs:
         raise ValueError(f"n={params.n} exceeds max_num_seqs={config.scheduler.max_num_seqs}")
+    if params.guided_decoding is not None:
+        check_guided(params.guided_decoding)
 
 
 def _encoder_pool(config: EngineConfig) -> EncoderPool | None:
@@ -137,6 +140,7 @@ class LLMEngine:
         if tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
+        self._grammars: Grammars | None = None  # built with the first guided request
         log.info("lmq: %s on %s (%s), %d KV blocks of %d tokens", config.model.architecture, config.device,
                  str(config.model.dtype).removeprefix("torch."), num_blocks, config.cache.block_size)
 
@@ -234,10 +238,19 @@ class LLMEngine:
         self._lora().remove(name)
 
     def _new_seq(self, req: Request, index: int, token_ids: list[int]) -> Sequence:
-        seq = Sequence(next(self._seq_ids), req, index, token_ids, len(req.prompt_token_ids))
+        guided = req.params.guided_decoding
+        matcher = None if guided is None else self.grammars().matcher(guided)  # ValueError: cannot compile
+        seq = Sequence(next(self._seq_ids), req, index, token_ids, len(req.prompt_token_ids), matcher=matcher)
         self.detokenizer.start(seq)
         req.seqs.append(seq)
         return seq
+
+    def grammars(self) -> Grammars:
+        """The structured-output compiler for this engine's tokenizer (built on first use)."""
+        if self._grammars is None:
+            self._grammars = Grammars(self.tokenizer.hf, self.config.model.vocab_size, sorted(self.eos_token_ids),
+                                      self.runner.device)
+        return self._grammars
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now; its KV blocks return to the pool at once."""
@@ -261,6 +274,7 @@ class LLMEngine:
                 if not seq.is_finished:  # (unless that text completed a stop string)
                     seq.finish("abort")
                 self._remove(seq)
+            seq.matcher = None
         self._forget(req)
 
     def _forget(self, req: Request) -> None:
@@ -308,6 +322,10 @@ class LLMEngine:
         out = self.runner.execute(built.step)
         self.scheduler.on_step_done(batch)
         seqs, logits = self._expand_forks(batch, out.sample_logits)
+        guided = [i for i, s in enumerate(seqs) if s.matcher is not None]
+        if guided:  # host work while the device runs the forward pass
+            bitmask = self._grammars.fill([seqs[i].matcher for i in guided])
+            logits = self._grammars.apply(logits, guided, bitmask)
         sampled = self.sampler.launch(logits, [self._sampler_row(s) for s in seqs]) if seqs else None
         prompt_logits, k = [], 0
         for s, n in built.prompt_rows:
@@ -368,7 +386,8 @@ class LLMEngine:
         p = seq.params
         banned = []
         if p.min_tokens or p.bad_words_token_ids:  # tokens masked this step, from the output so far
-            stops = frozenset() if p.ignore_eos else self.eos_token_ids
+            # A grammar decides when a guided sequence may stop: min_tokens never bans its end.
+            stops = frozenset() if p.ignore_eos or seq.matcher is not None else self.eos_token_ids
             banned = banned_token_ids(p, seq.output_token_ids, stops)
         # A seeded sample's draw: its seed (+ sample index) and step offset, nothing else.
         seed = None if p.seed is None else step_seed(p.seed + seq.sample_index, seq.num_output_tokens)
@@ -418,11 +437,19 @@ class LLMEngine:
         if logprobs is not None:
             seq.logprobs.append(logprobs)
         p = seq.params
-        if token in p.stop_token_ids:
+        keep_last = False  # the token ends the sequence but belongs to its text
+        if seq.matcher is not None and not seq.matcher.consume_token(token):
+            # Only when nothing was left to sample (every token masked, e.g. by bad_words too).
+            log.warning("lmq: sequence %d sampled token %d that its grammar rejects; ending it", seq.seq_id, token)
+            seq.finish("abort")
+        elif seq.matcher is not None and seq.matcher.is_stopped():
+            seq.finish("stop")  # the grammar is complete: nothing but a stop token could follow
+            keep_last = token not in self.eos_token_ids and token not in p.stop_token_ids
+        elif token in p.stop_token_ids:
             seq.finish("stop", token)
         elif not p.ignore_eos and token in self.eos_token_ids:
             seq.finish("stop")
-        hide_stop_token = seq.is_finished and not p.include_stop_str_in_output  # like vLLM: not in the text
+        hide_stop_token = seq.is_finished and not p.include_stop_str_in_output and not keep_last  # like vLLM
         if p.stop and not hide_stop_token:  # stop strings are looked for token by token
             self.detokenizer.step(seq)
         if not seq.is_finished and (seq.num_output_tokens >= (p.max_tokens or self.max_model_len)
@@ -430,6 +457,7 @@ class LLMEngine:
             seq.finish("length")
         if seq.is_finished:
             self._remove(seq)
+            seq.matcher = None
             if not isinstance(seq.stop_reason, str):  # a stop string already cut the text
                 # Whole text at once: also releases what incremental decoding held back (an
                 # incomplete character at the end).

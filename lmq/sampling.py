@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lmq.structured import GuidedDecodingParams, as_guided
 from lmq.transfer import to_device
 
 _GREEDY_EPS = 1e-5
@@ -58,8 +59,18 @@ class SamplingParams:
     # bad_words as token sequences (both tokenizations, with and without a leading space), filled
     # by the engine from its tokenizer (`with_bad_words_token_ids`).
     bad_words_token_ids: tuple[tuple[int, ...], ...] = field(default=(), repr=False)
+    # Structured output: the tokens follow this grammar (lmq/structured.py). A dict of its
+    # fields is taken too; `structured_outputs` is vLLM's newer name for the same thing.
+    guided_decoding: GuidedDecodingParams | None = None
+    structured_outputs: GuidedDecodingParams | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        if self.structured_outputs is not None:
+            if self.guided_decoding is not None:
+                raise ValueError("structured_outputs and guided_decoding are two names for one thing: set one")
+            object.__setattr__(self, "guided_decoding", self.structured_outputs)
+            object.__setattr__(self, "structured_outputs", None)
+        object.__setattr__(self, "guided_decoding", as_guided(self.guided_decoding))
         # Accept a single string / list for stop like vLLM, store tuples (the object is frozen).
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))

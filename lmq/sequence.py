@@ -47,6 +47,9 @@ class Sequence:
     prefix_offset: int = 0
     read_offset: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at admission
+    # A guided request's xgrammar GrammarMatcher, advanced with every output token (so it always
+    # matches `output_token_ids`, also across preemption); None once the sequence finishes.
+    matcher: object | None = None
 
     @property
     def params(self) -> SamplingParams:

@@ -25,6 +25,7 @@ from serve.errors import APIError, bad_value, error_body
 from serve.metrics import Metrics
 from serve.protocol import ChatCompletionRequest, CompletionRequest, refuse_unsupported
 from serve.router import Route
+from serve.structured_output import guided_decoding
 from serve.tool_calls import ChoiceStreams, ToolRequest
 from vision.media import MediaError
 
@@ -68,6 +69,7 @@ def sampling_params(req: ChatCompletionRequest | CompletionRequest, max_tokens: 
     if req.user is not None:
         log.debug("lmq: request for end user %r", req.user)
     values = {k: getattr(req, k) for k in _SAMPLING_FIELDS if getattr(req, k) is not None}
+    values["guided_decoding"] = guided_decoding(req)  # a 400 naming the field if it cannot compile
     values.update(overrides)
     try:  # SamplingParams normalizes stop / stop_token_ids (a string, a list or None)
         return SamplingParams(n=req.n, max_tokens=max_tokens, stop=req.stop or (),

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from serve.errors import APIError
+from serve.structured_output import StructuredOutputFields
 
 
 class _Strict(BaseModel):
@@ -46,11 +47,6 @@ class StreamOptions(_Strict):
 # Known fields lmq cannot serve yet -> (why, the values that ask for nothing and so are honoured
 # as they are). The one place to switch a feature on: drop its entry and handle the field.
 NOT_SUPPORTED: dict[str, tuple[str, tuple[object, ...]]] = {
-    "response_format": ("structured output is not supported yet", (None, {"type": "text"})),
-    "guided_json": ("structured output is not supported yet", (None,)),
-    "guided_regex": ("structured output is not supported yet", (None,)),
-    "guided_choice": ("structured output is not supported yet", (None,)),
-    "guided_grammar": ("structured output is not supported yet", (None,)),
     "structural_tag": ("structured output is not supported yet", (None,)),
     "functions": ("tool calling is not supported yet", (None, [])),
     "function_call": ("tool calling is not supported yet", (None, "none")),
@@ -75,7 +71,7 @@ def _short(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-class _SamplingFields(_Strict):
+class _SamplingFields(_Strict, StructuredOutputFields):
     model: str
     temperature: float | None = None
     top_p: float | None = None
@@ -102,11 +98,6 @@ class _SamplingFields(_Strict):
     user: str | None = None  # OpenAI's end-user id: logged, nothing else
     return_tokens_as_token_ids: bool = False  # vLLM: logprob tokens as "token_id:<id>"
     # Known, refused with a reason (NOT_SUPPORTED) unless set to a value that asks for nothing.
-    response_format: Any = None
-    guided_json: Any = None
-    guided_regex: Any = None
-    guided_choice: Any = None
-    guided_grammar: Any = None
     structural_tag: Any = None
     use_beam_search: Any = None
     spaces_between_special_tokens: Any = None
