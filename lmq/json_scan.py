@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 
 WHITESPACE = " \t\r\n"
 _LITERAL = re.compile(r"-?\d+(\.\d+)?([eE][-+]?\d+)?|true|false|null")
-_PARTIAL_LITERAL = re.compile(r"-?\d*\.?\d*([eE][-+]?\d*)?|t(r(ue?)?)?|f(a(l(se?)?)?)?|n(u(ll?)?)?")
+# What a literal's first characters can be: every prefix of a _LITERAL match, nothing else.
+_PARTIAL_LITERAL = re.compile(r"-?(\d+(\.\d*)?|\d+(\.\d+)?[eE][-+]?\d*)?|t(r(ue?)?)?|f(a(l(se?)?)?)?|n(u(ll?)?)?")
+_LITERAL_CHARS = frozenset("-+.0123456789eEtrufalsn")
 
 
 class _Broken(Exception):
@@ -98,11 +100,17 @@ def value_end(s: str, i: int) -> int | None:
         return _string_end(s, i)
     if c in "{[":
         return _container_end(s, i)
-    m = _LITERAL.match(s, i)
-    if m and m.end() < len(s):  # a number may go on while the text ends right after it
-        return m.end()
-    if _PARTIAL_LITERAL.fullmatch(s, i):
-        return None
+    # A literal runs to the first character no literal has: "1." or "1e" is a number on its
+    # way ("1.5", "1e5"), not the number 1 and a stray character.
+    j = i
+    while j < len(s) and s[j] in _LITERAL_CHARS:
+        j += 1
+    if j == len(s):  # a number may go on while the text ends right after it
+        if _PARTIAL_LITERAL.fullmatch(s, i):
+            return None
+        raise _Broken
+    if _LITERAL.fullmatch(s, i, j):
+        return j
     raise _Broken
 
 

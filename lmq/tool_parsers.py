@@ -303,6 +303,8 @@ class ToolCallStream:
         self.sent_content = 0
         self.ids: list[str] = []  # one per announced call
         self.sent_args: list[int] = []
+        self.fed = 0  # length of the longest text fed so far that was not broken
+        self.broke = False
 
     @property
     def called(self) -> bool:
@@ -310,6 +312,37 @@ class ToolCallStream:
 
     def feed(self, text: str, final: bool = False) -> StreamDelta:
         split = self.parser.split(text, final)
+        if not split.broken:
+            self.fed = len(text)
+            return self._send(text, split, final)
+        delta = StreamDelta()
+        if not self.broke:
+            # The text broke somewhere in what came since the last feed. A stream fed one
+            # character at a time would have sent all of the longest prefix that does not break
+            # (a call's name and the arguments up to the character that breaks them), so send
+            # that first: what is streamed must not depend on where the chunks were cut.
+            self.broke = True
+            good = self._longest_unbroken(text)
+            if good > self.fed:
+                delta = self._send(text[:good], self.parser.split(text[:good], False), False)
+        more = self._send(text, split, final)
+        delta.content += more.content
+        delta.tool_calls.extend(more.tool_calls)
+        return delta
+
+    def _longest_unbroken(self, text: str) -> int:
+        """The longest prefix of text, fed as not final, that is not broken. Splits are monotone
+        (once broken, every longer text is), and text[:self.fed] is not broken: a bisection."""
+        lo, hi = self.fed, len(text) - 1  # text[:lo] unbroken; text[:hi + 1] broken (or final)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.parser.split(text[:mid], False).broken:
+                hi = mid - 1
+            else:
+                lo = mid
+        return lo
+
+    def _send(self, text: str, split: Split, final: bool) -> StreamDelta:
         if final and split.broken and not self.ids:
             split = Split(text)  # nothing announced: the whole output is content, as parse() says
         delta = StreamDelta()

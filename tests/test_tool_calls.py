@@ -5,6 +5,7 @@ official openai client, made by tiny models that greedily write a family's tool 
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 
@@ -148,17 +149,70 @@ def test_stream_sends_names_first_then_argument_fragments():
     assert "".join(held) == "Let me look that up.\n" and "<" not in "".join(held)
 
 
+def _every_cut(text: str) -> list[list[int]]:
+    """Every chunking of text into two or three pieces: a bug that hangs on where a chunk
+    boundary falls cannot hide behind the seed of _cut_points."""
+    return [list(c) for r in (1, 2) for c in itertools.combinations(range(1, len(text)), r)]
+
+
+def _streamed(parser: ToolParser, text: str, cuts: list[int]) -> tuple[str, list[tuple[str, str]]]:
+    content, calls = _stream(parser, text, cuts)
+    return content, [(c["name"], c["arguments"]) for c in calls]
+
+
 @pytest.mark.parametrize("name, text, broken", PLAIN)
 def test_no_call_is_plain_content_streamed_or_not(name, text, broken):
     parser = PARSERS[name]()
     assert parser.parse(text) == ParsedOutput(text or None, [])
-    for how in ("chars", "chunks"):
-        content, calls = _stream(parser, text, _cut_points(text, how))
+    for cuts in [_cut_points(text, "chars"), _cut_points(text, "chunks"), *_every_cut(text)]:
+        content, calls = _stream(parser, text, cuts)
         if broken is None:
             assert content == text and calls == []
         else:
             assert content == broken[0] and len(calls) == 1 and broken[1].startswith(calls[0]["arguments"])
             assert calls[0]["name"] == "get_weather"
+
+
+@pytest.mark.parametrize("name, text", [(name, text) for name, text, _ in PLAIN])
+def test_broken_output_streams_the_same_however_it_is_cut(name, text):
+    """What a stream sends of an output that breaks (its content, a call it announced before the
+    character that broke it) is what a stream of one character at a time sends."""
+    parser = PARSERS[name]()
+    by_chars = _streamed(parser, text, _cut_points(text, "chars"))
+    for cuts in _every_cut(text):
+        assert _streamed(parser, text, cuts) == by_chars, cuts
+
+
+@pytest.mark.parametrize("case", OUTPUTS)
+def test_stream_adds_up_to_the_whole_parse_for_every_single_cut(case):
+    name, text, _, _ = OUTPUTS[case]
+    parser = PARSERS[name]()
+    whole = parser.parse(text)
+    expected = (whole.content or "", [(c.name, c.arguments) for c in whole.tool_calls])
+    for cut in range(1, len(text)):
+        assert _streamed(parser, text, [cut]) == expected, cut
+
+
+@pytest.mark.parametrize("name, text", [(name, text) for name, text, _ in PLAIN]
+                         + [(name, text) for name, text, _, _ in OUTPUTS.values()])
+def test_a_split_once_broken_stays_broken(name, text):
+    """Streams rely on it: a text that cannot be a call can never become one as more text comes."""
+    parser = PARSERS[name]()
+    broken = [parser.split(text[:end], False).broken for end in range(len(text) + 1)]
+    assert broken == sorted(broken), broken.index(True)
+
+
+def test_numbers_in_arguments_stream_whole():
+    """"1." and "1e" are numbers on their way, not a number and a character that breaks JSON."""
+    args = '{"lat": 48.8566, "lon": 2.35, "alt": 3.5e1, "t": -1E-2, "ok": true, "n": null}'
+    text = '<tool_call>\n{"name": "locate", "arguments": ' + args + "}\n</tool_call>"
+    parser = PARSERS["hermes"]()
+    assert [(c.name, c.arguments) for c in parser.parse(text).tool_calls] == [("locate", args)]
+    assert not any(parser.split(text[:end], False).broken for end in range(len(text) + 1))
+    for cuts in (_cut_points(text, "chars"), _cut_points(text, "chunks")):
+        assert _streamed(parser, text, cuts) == ("", [("locate", args)])
+    for bad in ('{"x": 1.}', '{"x": 1e}', '{"x": -}', '{"x": 1.e5}', '{"x": tru}', '{"x": 12a}'):
+        assert parser.parse(f'<tool_call>{{"name": "f", "arguments": {bad}}}</tool_call>').tool_calls == []
 
 
 def test_parallel_tool_calls_false_streams_one_call():
