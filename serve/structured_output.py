@@ -3,7 +3,7 @@
 OpenAI's `response_format` ({"type": "text" | "json_object" | "json_schema", "json_schema":
 {"name", "schema", "strict"}}) and vLLM's `guided_json`, `guided_regex`, `guided_choice`,
 `guided_grammar` and `structured_outputs` ({"json" | "regex" | "choice" | "grammar": ...}), on
-chat and completions alike. At most one of them may constrain a request. A grammar xgrammar
+chat and completions alike. At most one of them may constrain a request. A grammar llguidance
 cannot compile is a 400 whose `param` is the field it came from. JSON schemas are always
 enforced strictly (`strict` is accepted either way).
 """
