@@ -76,6 +76,16 @@ def _lora_args(p: argparse.ArgumentParser) -> None:
                    help="adapters kept in host memory, LRU (default: max(max-loras, 32))")
 
 
+def _tool_args(p: argparse.ArgumentParser) -> None:
+    from lmq.tool_parsers import PARSERS
+
+    g = p.add_argument_group("tool calling")
+    g.add_argument("--tool-call-parser", choices=sorted(PARSERS), default=None,
+                   help="the format of the model's tool calls (default: recognised from its chat template)")
+    g.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="accepted for vLLM's command lines: tool_choice 'auto' is always served")
+
+
 def _vision_args(p: argparse.ArgumentParser, server: bool) -> None:
     g = p.add_argument_group("vision-language models")
     g.add_argument("--vision-devices", nargs="+", default=[], metavar="DEVICE",
@@ -187,7 +197,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.ui:
         _check_ui_extra()  # before the engine starts
     app = make_app(config, args.served_model_name, keys, args.max_queue_len, dict(args.adapters), args.lora_dir,
-                   media, args.limit_images_per_prompt)
+                   media, args.limit_images_per_prompt, tool_call_parser=args.tool_call_parser)
     if args.ui:
         from ui.mount import mount_ui
 
@@ -245,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="allow POST /v1/load_lora_adapter for folders inside this directory (enables LoRA)")
     srv.add_argument("--ui", action="store_true",
                      help="also serve the web chat at /ui (with --api-keys: log in with a key as the password)")
+    _tool_args(srv)
     _engine_args(srv)
     _lora_args(srv)
     _vision_args(srv, server=True)

@@ -7,8 +7,8 @@ results and earlier calls in the messages; the output's calls as `tool_calls`.
     "required"     yes                    JsonCallsParser                  grammar: forced_schema()
     {function}     yes                    NamedCallParser                  grammar: forced_schema()
 
-"required" and a named function need the structured-output grammar (`GuidedDecodingParams`),
-built in parallel: until it lands `enforce` refuses them with a 400 naming tool_choice.
+"required" and a named function are enforced by the structured-output grammar
+(`GuidedDecodingParams` of lmq.structured), so the output always parses.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import json
 from dataclasses import dataclass, replace
 
 from lmq.sampling import SamplingParams
+from lmq.structured import GuidedDecodingParams, check_guided
 from lmq.tool_parsers import PARSERS, JsonCallsParser, NamedCallParser, ToolCallStream, ToolParser, parser_for_template
 from serve.errors import APIError
 
@@ -148,19 +149,26 @@ def forced_schema(tools: ToolRequest) -> dict | None:
 
 def enforce(params: SamplingParams, tools: ToolRequest | None, tool_parser: ToolParser | None) -> SamplingParams:
     """The request's params with what its tools need: special tokens kept where the call marker
-    is one, and the grammar for "required" / a named function.
-
-    LEAD: when GuidedDecodingParams lands (so17: lmq.structured), replace the 400 below with
-        return replace(params, guided_decoding=GuidedDecodingParams(json=schema, field="tool_choice"))
-    and refuse a request that also sets response_format / guided_* (one grammar per request).
-    JsonCallsParser / NamedCallParser already parse what that grammar produces."""
+    is one, and for "required" / a named function the grammar of forced_schema() (a request has
+    one grammar, so these cannot be combined with response_format or guided_*)."""
     if tool_parser is not None and tool_parser.keep_special_tokens:
         params = replace(params, skip_special_tokens=False)
     schema = forced_schema(tools) if tools is not None else None
-    if schema is not None:
-        raise _bad("tool_choice", f"tool_choice={tools.choice if tools.choice != 'function' else tools.function!r} "
-                   "needs structured output (a grammar), which is not supported yet: use 'auto'")
-    return params
+    if schema is None:
+        return params
+    if params.guided_decoding is not None:
+        raise _bad("tool_choice", f"tool_choice={_choice_name(tools)!r} forces a grammar, and so does "
+                   f"{params.guided_decoding.field or 'guided_decoding'}: set one of the two")
+    guided = GuidedDecodingParams(json=schema, field="tool_choice")
+    try:
+        check_guided(guided)
+    except ValueError as e:  # a tool's parameters schema the grammar library cannot compile
+        raise _bad("tools", f"the parameters of the forced tool(s) cannot be enforced: {e}") from None
+    return replace(params, guided_decoding=guided)
+
+
+def _choice_name(tools: ToolRequest) -> str:
+    return tools.function if tools.choice == "function" else tools.choice
 
 
 def message(text: str, tool_parser: ToolParser | None, parallel: bool, finish_reason: str | None

@@ -341,7 +341,7 @@ ASK = [{"role": "user", "content": "What is the weather and the time in Paris?"}
 def family_server(request, tmp_path_factory):
     family = request.param
     folder = make_scripted_model(tmp_path_factory.mktemp(family), family, SCRIPTS[family])
-    config = build_engine_config(str(folder), device="cpu", kv_cache_gb=0.1, max_model_len=2048)
+    config = build_engine_config(str(folder), device="cpu", kv_cache_gb=0.1, max_model_len=4096)
     srv = BackgroundServer(make_app(config, "tiny"))
     yield family, srv
     srv.stop()
@@ -415,14 +415,75 @@ def test_tool_results_in_the_conversation_render(family_server):
     assert r.choices[0].message.tool_calls and r.usage.prompt_tokens > 50
 
 
-def test_required_and_named_choice_refused_until_grammars_land(family_server):
+# Forced calls: the grammar writes them whatever the model prefers, so the tools' parameters are
+# bounded (enums, no free strings) for a sampled random walk through them to end within budget.
+# "required" still leaves the number of calls free: measured over 30 seeds per family, a call
+# takes about 55 tokens and another follows about half the time (at most 7 calls, 434 tokens),
+# so FORCED_BUDGET ends one short of its tokens about once in 2**27.
+FORCED_BUDGET = 1500
+BOUNDED = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"enum": ["Paris", "Rome", "Oslo"]},
+                                         "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {"timezone": {"enum": ["UTC", "Europe/Paris"]},
+                                         "dst": {"type": "boolean"}},
+        "required": ["timezone", "dst"], "additionalProperties": False}}},
+]
+BOUNDED_SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in BOUNDED}
+
+
+def _forced(srv, choice, stream: bool, seed: int, **kw) -> tuple[list[tuple[str, str]], str, str | None]:
+    """One forced-choice request -> ([(name, arguments)], finish_reason, content)."""
+    args = dict(model="tiny", messages=ASK, tools=BOUNDED, tool_choice=choice, temperature=1.0, seed=seed,
+                max_tokens=FORCED_BUDGET, **kw)
+    if not stream:
+        c = _client(srv).chat.completions.create(**args).choices[0]
+        return ([(t.function.name, t.function.arguments) for t in c.message.tool_calls or ()], c.finish_reason,
+                c.message.content)
+    calls, finish, content = {}, None, ""
+    for chunk in _client(srv).chat.completions.create(**args, stream=True):
+        d = chunk.choices[0].delta
+        content += d.content or ""
+        for tc in d.tool_calls or ():
+            calls.setdefault(tc.index, [tc.function.name, ""])[1] += tc.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    return [tuple(calls[i]) for i in sorted(calls)], finish, content or None
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_required_choice_is_enforced_by_the_grammar(family_server, stream):
     _, srv = family_server
-    for choice in ("required", {"type": "function", "function": {"name": "get_time"}}):
-        body = {"model": "tiny", "messages": ASK, "tools": TOOLS, "tool_choice": choice}
-        resp = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=30)
-        assert resp.status_code == 400, resp.text
-        err = resp.json()["error"]
-        assert err["param"] == "tool_choice" and "not supported yet" in err["message"]
+    rng = random.Random(SEED)
+    for parallel in (None, False):
+        calls, finish, content = _forced(srv, "required", stream, rng.randrange(2**31), parallel_tool_calls=parallel)
+        assert finish == "tool_calls" and calls and not content, (calls, finish, content)
+        if parallel is False:
+            assert len(calls) == 1
+        for name, arguments in calls:
+            jsonschema.validate(json.loads(arguments), BOUNDED_SCHEMAS[name])
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_named_choice_calls_exactly_that_function(family_server, stream):
+    _, srv = family_server
+    rng = random.Random(SEED + 1)
+    for name in BOUNDED_SCHEMAS:
+        choice = {"type": "function", "function": {"name": name}}
+        calls, finish, content = _forced(srv, choice, stream, rng.randrange(2**31))
+        assert finish == "stop" and [n for n, _ in calls] == [name] and not content, (calls, finish, content)
+        jsonschema.validate(json.loads(calls[0][1]), BOUNDED_SCHEMAS[name])
+
+
+def test_forced_choice_and_a_second_grammar_is_a_400(family_server):
+    _, srv = family_server
+    body = {"model": "tiny", "messages": ASK, "tools": BOUNDED, "tool_choice": "required",
+            "response_format": {"type": "json_object"}}
+    resp = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=30)
+    assert resp.status_code == 400, resp.text
+    err = resp.json()["error"]
+    assert err["param"] == "tool_choice" and "response_format" in err["message"], err
 
 
 def test_http_400s_for_tools(family_server, tiny_models):
@@ -434,6 +495,21 @@ def test_http_400s_for_tools(family_server, tiny_models):
                         ({"tools": TOOLS, "messages": bad_args}, "messages[1].tool_calls[0].function.arguments")):
         resp = httpx.post(srv.url + "/v1/chat/completions", json={"model": "tiny", "messages": ASK, **body}, timeout=30)
         assert resp.status_code == 400 and resp.json()["error"]["param"] == param, resp.text
+
+
+def test_configured_parser_overrides_the_template(tmp_path):
+    # `lmq serve --tool-call-parser llama3_json` on a model whose template writes hermes calls:
+    # the configured parser reads the output, so the hermes call stays plain content
+    folder = make_scripted_model(tmp_path, "qwen2.5", SCRIPTS["qwen2.5"])
+    config = build_engine_config(str(folder), device="cpu", kv_cache_gb=0.1, max_model_len=2048)
+    srv = BackgroundServer(make_app(config, "tiny", tool_call_parser="llama3_json"))
+    try:
+        c = _client(srv).chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, temperature=0,
+                                                 max_tokens=40).choices[0]
+    finally:
+        srv.stop()
+    assert c.finish_reason == "stop" and not c.message.tool_calls
+    assert c.message.content.startswith(EXPECTED["qwen2.5"][0]) and '"get_weather"' in c.message.content
 
 
 def test_model_without_tool_template_refuses_tools(tiny_models):

@@ -365,6 +365,7 @@ def test_cli_vllm_aliases_parse_to_the_same_config(base):
     (["--tensor-parallel-size", "2"], "tensor_parallel_size=2 is not supported"),
     (["--quantization", "awq"], "quantization='awq' does not match the checkpoint"),
     (["--lora-modules", '{"name": "b"}'], "expected {\"name\": NAME, \"path\": PATH}"),
+    (["--tool-call-parser", "pythonic"], "argument --tool-call-parser: invalid choice: 'pythonic'"),
 ])
 def test_cli_refusals_name_the_option(base, argv, message, capsys):
     from lmq.cli import main
@@ -392,7 +393,7 @@ def test_help_shows_the_vllm_names(capsys):
             assert flag in text, (command, flag)
     serve = _help("serve", capsys)
     for flag in ("--lora-modules", "--api-key", "--served-model-name", "--host", "--port", "--enable-lora",
-                 "--max-loras", "--max-lora-rank"):
+                 "--max-loras", "--max-lora-rank", "--tool-call-parser", "--enable-auto-tool-choice"):
         assert flag in serve, flag
 
 
