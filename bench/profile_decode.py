@@ -65,6 +65,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="HF folder (default: the built-in model)")
     ap.add_argument("--random-1b", action="store_true", help="a random Llama-3.2-1B-shaped bf16 model")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer folder for --random-1b (default: built-in model's)")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 128])
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=5)
@@ -74,7 +75,10 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("profile_decode.py traces CUDA kernels: it needs a CUDA GPU")
     tmp = Path(tempfile.mkdtemp(prefix="lmq-prof-"))
-    folder = str(make_random_1b(tmp, resolve_model(None), "cuda")) if args.random_1b else resolve_model(args.model)
+    if args.random_1b:
+        folder = str(make_random_1b(tmp, args.tokenizer or resolve_model(None), "cuda"))
+    else:
+        folder = resolve_model(args.model)
     rows, tables = [], []
     for graphs in (True, False):
         llm = LLM(folder, device="cuda", dtype="bfloat16", max_num_seqs=max(args.batch_sizes),

@@ -112,6 +112,7 @@ def main() -> None:
     ap.add_argument("--tokenizer", default=None, help="tokenizer folder for --random-1b (default: built-in model's)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--backend", default="auto", choices=["auto", "pytorch", "turbomind"])
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[32])
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
@@ -126,7 +127,7 @@ def main() -> None:
     else:
         folder = resolve_model(args.model)
     llm = LLM(folder, device=args.device, dtype=args.dtype, max_model_len=args.input_len + args.output_len + 16,
-              max_num_seqs=max(args.batch_sizes))
+              max_num_seqs=max(args.batch_sizes), backend=args.backend)
     dtype = llm.engine.config.model.dtype
     vocab = llm.engine.config.model.vocab_size
     hf = load_hf(folder, dtype, args.device)
@@ -150,13 +151,15 @@ def main() -> None:
         rows.append({"batch": b, "lmq_tok_s": toks / t_lmq, "hf_tok_s": toks / t_hf, "ratio": t_hf / t_lmq, **kv})
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(f"\nmodel={'random-1b' if args.random_1b else folder} device={dev} dtype={dtype} "
+          f"backend={llm.engine.config.backend} "
           f"input_len<= {args.input_len} output_len={args.output_len}")
     print(f"{'batch':>5} {'lmq tok/s':>10} {'HF tok/s':>9} {'lmq/HF':>7} {'KV unused':>9} {'beyond partial':>14}")
     for r in rows:
         print(f"{r['batch']:>5} {r['lmq_tok_s']:>10.1f} {r['hf_tok_s']:>9.1f} {r['ratio']:>6.2f}x "
               f"{r['unused_share']:>8.1%} {r['beyond_last_partial_share']:>13.2%}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": dev, "dtype": str(dtype), "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"device": dev, "dtype": str(dtype), "backend": llm.engine.config.backend,
+                                               "rows": rows}, indent=1))
     if tmp:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -25,6 +25,8 @@ class Backend:
     name: str
     unsupported: Callable[[EngineConfig], list[str]]  # why it cannot serve this config ([] = it can)
     make_runner: Callable[[EngineConfig], ModelRunner]  # the engine's runner (lmq.step_input.ModelRunner)
+    # why `auto` passes it over even where it could serve (None: auto may take it)
+    not_auto: str | None = None
 
 
 def _pytorch_unsupported(config: EngineConfig) -> list[str]:
@@ -44,18 +46,35 @@ def _turbomind_unsupported(config: EngineConfig) -> list[str]:
         reasons.append(f"it runs on CUDA GPUs only (device={config.device!r})")
     if importlib.util.find_spec("cupy") is None:
         reasons.append("CuPy is not installed (pip install 'lmq[turbomind]')")
-    # Its kernels land first (turbomind/kernels), then the runner that uses them.
-    reasons.append("its model runner is not built yet in this lmq version")
+    else:
+        from turbomind.compiler import CompileError, include_dirs
+
+        try:
+            include_dirs()
+        except CompileError as e:  # NVRTC needs the CUDA headers to compile the kernels
+            reasons.append(str(e))
+    from turbomind.launch import HEAD_DIMS
+
+    if config.model.head_dim not in HEAD_DIMS:
+        reasons.append(f"its attention kernels take head_dim {' or '.join(map(str, HEAD_DIMS))}, "
+                       f"the model has {config.model.head_dim}")
     return reasons
 
 
 def _turbomind_runner(config: EngineConfig) -> ModelRunner:
-    raise AssertionError("unreachable: make_runner refuses turbomind while its unsupported() has reasons")
+    # The model definition is shared: torch_engine's runner and graphs over turbomind's ops.
+    from torch_engine.model_runner import ModelRunner
+    from turbomind import ops
+
+    return ModelRunner(config, ops)
 
 
 BACKENDS: dict[str, Backend] = {
     "pytorch": Backend("pytorch", _pytorch_unsupported, _pytorch_runner),
-    "turbomind": Backend("turbomind", _turbomind_unsupported, _turbomind_runner),
+    # Until turbomind's own runner (sampling in the graphs, overlapped host work) and its GPU
+    # benchmarks land, it is served when asked for by name and `auto` keeps the reference engine.
+    "turbomind": Backend("turbomind", _turbomind_unsupported, _turbomind_runner,
+                         not_auto="auto does not take it yet (ask for --backend turbomind)"),
 }
 AUTO_ORDER = ("turbomind", "pytorch")  # the fast engine first, the reference engine always serves
 
@@ -79,6 +98,8 @@ def choose_backend(requested: str, config: EngineConfig) -> BackendChoice:
     passed_over = []
     for name in AUTO_ORDER:
         reasons = BACKENDS[name].unsupported(config)
+        if not reasons and BACKENDS[name].not_auto:
+            reasons = [BACKENDS[name].not_auto]
         if not reasons:
             why = "; ".join(passed_over) if passed_over else "it supports the model and every requested feature"
             return BackendChoice(name, f"auto: {why}")

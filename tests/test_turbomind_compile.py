@@ -1,30 +1,33 @@
-"""CPU: every turbomind kernel instantiation compiles to an sm_90a cubin through the pip NVRTC."""
+"""CPU: every turbomind kernel instantiation the launchers use compiles to an sm_90a cubin
+through the pip NVRTC (turbomind.launch.INSTANTIATIONS), and compiles are cached on disk."""
 
 import pytest
 
 from turbomind import compiler
-
-DTYPES = ("float", "__half", "__nv_bfloat16")
-NORM = tuple(f"rms_norm<{t}>" for t in DTYPES)
-ACT = tuple(f"silu_and_mul<{t}>" for t in DTYPES)
+from turbomind.launch import INSTANTIATIONS
 
 
-def test_activation_compiles(tmp_path, monkeypatch):
+def test_every_kernel_file_is_listed():
+    assert sorted(INSTANTIATIONS) == sorted(p.name for p in compiler.KERNELS.glob("*.cu"))
+
+
+@pytest.mark.parametrize("file", sorted(INSTANTIATIONS))
+def test_kernels_compile(file, tmp_path, monkeypatch):
     monkeypatch.setattr(compiler, "CACHE_DIR", tmp_path)
-    cubin, lowered = compiler.compile_source((compiler.KERNELS / "activation.cu").read_text(), "activation.cu", ACT)
-    for name in ACT:
-        assert lowered[name].encode() in cubin
+    names = INSTANTIATIONS[file]
+    cubin, lowered = compiler.compile_source((compiler.KERNELS / file).read_text(), file, names)
+    assert sorted(lowered) == sorted(names)
+    for name in names:
+        assert lowered[name].encode() in cubin, name
 
 
-def test_norm_compiles(tmp_path, monkeypatch):
+def test_second_compile_is_a_disk_cache_hit(tmp_path, monkeypatch):
     monkeypatch.setattr(compiler, "CACHE_DIR", tmp_path)
-    cubin, lowered = compiler.compile_source((compiler.KERNELS / "norm.cu").read_text(), "norm.cu", NORM)
-    for name in NORM:
-        assert lowered[name].encode() in cubin
+    names = INSTANTIATIONS["norm.cu"]
+    first = compiler.compile_source((compiler.KERNELS / "norm.cu").read_text(), "norm.cu", names)
     assert len(list(tmp_path.glob("*.cubin"))) == 1
-    # a second compile is a disk-cache hit: NVRTC is never called
-    monkeypatch.setattr(compiler.nvrtc, "createProgram", None)
-    assert compiler.compile_source((compiler.KERNELS / "norm.cu").read_text(), "norm.cu", NORM) == (cubin, lowered)
+    monkeypatch.setattr(compiler.nvrtc, "createProgram", None)  # NVRTC is never called again
+    assert compiler.compile_source((compiler.KERNELS / "norm.cu").read_text(), "norm.cu", names) == first
 
 
 def test_broken_source_raises_with_log(tmp_path, monkeypatch):

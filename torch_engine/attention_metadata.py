@@ -38,6 +38,10 @@ class AttentionMetadata:
     prefill_pad_index: torch.Tensor  # [Bp, max_q] int64: prefill token index of each padded query
     prefill_query_pos: torch.Tensor  # [Bp, max_q] int64: absolute position of each padded query
     prefill_unpad_index: torch.Tensor  # [Tp] int64: row in the flattened [Bp * max_q] of each token
+    # the same prefill chunks as varlen kernels read them (turbomind.ops.prefill_attention)
+    prefill_query_start: torch.Tensor | None = None  # [Bp + 1] int32: first prefill row of each chunk, then Tp
+    prefill_seq_lens: torch.Tensor | None = None  # [Bp] int32: context length after the chunk
+    prefill_max_query_len: int = 0
     _masks: dict = field(default_factory=dict)  # per (kind, window) mask, built once per step
 
     @staticmethod
@@ -65,6 +69,7 @@ class AttentionMetadata:
             prefill_pad_index=qs[:-1, None] + j,
             prefill_query_pos=(step.seq_lens[nd:].long() - n)[:, None] + j,
             prefill_unpad_index=seg * max_q + torch.arange(tp, device=dev) - qs[seg],
+            prefill_query_start=qs.int(), prefill_seq_lens=step.seq_lens[nd:], prefill_max_query_len=max_q,
         )
 
     @property

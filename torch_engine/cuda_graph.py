@@ -32,7 +32,6 @@ from tqdm.auto import tqdm
 from lmq.step_input import StepInput
 from lora.ops import LoRAMetadata
 from torch_engine.attention_metadata import AttentionMetadata
-from torch_engine.ops import attention_backends
 
 if TYPE_CHECKING:
     from torch_engine.model_runner import ModelRunner
@@ -133,7 +132,7 @@ class DecodeGraphs:
         )
         lora = LoRAMetadata(rank, self.runner.lora_onehot(self.lora_slots[:bp])) if rank else None
         model = self.runner.model
-        with attention_backends(self.runner.device):  # the graph keeps the kernel chosen here
+        with self.runner.ops.attention_backends(self.runner.device):  # the graph keeps the kernel chosen here
             hidden = model(self.token_ids[:bp], self.positions[:bp], self.runner.kv_caches, meta, lora)
         return model.compute_logits(hidden)
 

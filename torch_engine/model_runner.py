@@ -1,5 +1,6 @@
-"""Runs one step's StepInput through the model: builds torch_engine's attention metadata from it,
-owns the KV cache, and replays CUDA graphs for decode-only steps on a GPU. Never reads a Sequence."""
+"""Runs one step's StepInput through the model: builds the attention metadata from it, owns the
+KV cache, and replays CUDA graphs for decode-only steps on a GPU. Never reads a Sequence.
+The ops module it is given (torch_engine.ops, turbomind.ops) decides which kernels run."""
 
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ from lora.adapter import LoRAAdapter
 from lora.ops import LoRAMetadata
 from torch_engine.attention_metadata import AttentionMetadata
 from torch_engine.cuda_graph import DecodeGraphs
-from torch_engine.ops import attention_backends
 
 log = logging.getLogger("lmq")
 
@@ -38,6 +38,7 @@ def load_model(cfg: ModelConfig, ops: ModuleType, device: str) -> torch.nn.Modul
 class ModelRunner:
     def __init__(self, config: EngineConfig, ops: ModuleType) -> None:
         self.config = config
+        self.ops = ops  # torch_engine.ops or turbomind.ops: the same interface
         self.device = torch.device(config.device)
         self.block_size = config.cache.block_size
         self.model = load_model(config.model, ops, config.device)
@@ -125,7 +126,7 @@ class ModelRunner:
                 logits = logits.index_select(0, step.logit_rows)
             return ModelOutput(logits[:step.num_sample_rows], logits[step.num_sample_rows:])
         meta = AttentionMetadata.from_step(step, self.block_size)
-        with attention_backends(self.device):
+        with self.ops.attention_backends(self.device):
             hidden = self.model(step.token_ids, step.positions, self.kv_caches, meta, self.lora_metadata(step),
                                 step.images)  # [T, hidden]
         if step.num_logit_rows:

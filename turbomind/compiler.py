@@ -24,11 +24,14 @@ class CompileError(RuntimeError):
 
 
 def include_dirs() -> list[str]:
-    """The pip CUDA headers: <site>/nvidia/cu13/include (cuda_bf16.h, ...) and its cccl/."""
-    for root in site.getsitepackages() + [site.getusersitepackages()]:
-        inc = Path(root) / "nvidia" / "cu13" / "include"
-        if inc.is_dir():
-            return [str(inc), str(inc / "cccl")]
+    """The CUDA headers (cuda_bf16.h, ...) and their cccl/: the pip wheels' <site>/nvidia/cu13/include
+    first, else a CUDA toolkit's ($CUDA_PATH, $CUDA_HOME, /usr/local/cuda)."""
+    roots = [Path(r) / "nvidia" / "cu13" for r in site.getsitepackages() + [site.getusersitepackages()]]
+    roots += [Path(p) for p in (os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"), "/usr/local/cuda") if p]
+    for root in roots:
+        inc = root / "include"
+        if (inc / "cuda_bf16.h").is_file():
+            return [str(inc)] + ([str(inc / "cccl")] if (inc / "cccl").is_dir() else [])
     raise CompileError("CUDA headers not found: install nvidia-cuda-runtime==13.0.* and nvidia-cuda-cccl==13.0.*")
 
 

@@ -1,0 +1,171 @@
+"""turbomind against torch_engine and the memory roofline, same weights, same process (issue 16).
+
+    python bench/turbomind_decode.py --shape 1b --tokenizer TOK --json out.json
+    python bench/turbomind_decode.py --shape 8b --tokenizer TOK --batch-sizes 1 --skip-attention
+
+Random weights in the Llama-3.2-1B or Llama-3-8B shape, bf16. Reported:
+- copy bandwidth: a 1 GiB device-to-device copy (read + write bytes / time), best of 5;
+- decode tok/s of each engine at each batch size, decode steps only: the time of a run of
+  output_len tokens minus that of a run of one token, over batch * (output_len - 1) tokens;
+- batch-1 decode against the roofline: (weight bytes + KV bytes read per step) / copy bandwidth;
+- decode attention alone at batch 64 x 4,096 context (32 / 8 heads, head_dim 128): K and V
+  bytes / kernel time, as a share of the copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import _paths  # noqa: F401  (first: see its docstring)
+import torch
+from tqdm.auto import tqdm
+
+from lmq import LLM, SamplingParams
+
+SHAPES = {
+    "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+               intermediate_size=8192, tie_word_embeddings=True),
+    "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+               intermediate_size=14336, tie_word_embeddings=False),
+}
+
+
+def make_model(folder: Path, shape: str, tokenizer_dir: str) -> Path:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**SHAPES[shape], vocab_size=128256, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                      bos_token_id=1, eos_token_id=2, rope_theta=500000.0)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    del model
+    torch.cuda.empty_cache()
+    return folder
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a device-to-device copy (each byte read once and written once)."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(6):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.numel() / best
+
+
+def timed_generate(llm: LLM, prompts: list[list[int]], output_len: int) -> float:
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    llm.generate(prompts, params, use_tqdm=False)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def decode_tok_s(llm: LLM, prompts: list[list[int]], output_len: int) -> float:
+    timed_generate(llm, prompts, output_len)  # warm-up: graphs, allocator
+    full = min(timed_generate(llm, prompts, output_len) for _ in range(2))
+    first = min(timed_generate(llm, prompts, 1) for _ in range(2))
+    return len(prompts) * (output_len - 1) / (full - first)
+
+
+def weight_bytes(llm: LLM) -> int:
+    """Bytes a decode step reads: every parameter once (a tied embedding is the LM head's read;
+    an untied input embedding reads one row, counted as nothing)."""
+    model = llm.engine.runner.model
+    seen, total = set(), 0
+    for name, p in model.named_parameters():
+        if p.data_ptr() in seen or ("embed_tokens" in name and not llm.engine.config.model.tie_word_embeddings):
+            continue
+        seen.add(p.data_ptr())
+        total += p.numel() * p.element_size()
+    return total
+
+
+def attention_alone(bandwidth: float) -> dict:
+    from turbomind import ops
+
+    b, ctx, h, hkv, d, bs = 64, 4096, 32, 8, 128, 16
+    nb = ctx // bs
+    g = torch.Generator("cuda").manual_seed(0)
+    kc = torch.randn(b * nb, bs, hkv, d, device="cuda", generator=g).to(torch.bfloat16)
+    vc = torch.randn_like(kc)
+    tables = torch.randperm(b * nb, device="cuda", generator=g).view(b, nb).int()
+    lens = torch.full((b,), ctx, dtype=torch.int32, device="cuda")
+    q = torch.randn(b, h, d, device="cuda", generator=g).to(torch.bfloat16)
+    out = torch.empty_like(q)
+    for _ in range(3):
+        ops.decode_attention(q, kc, vc, tables, lens, d ** -0.5, None, out)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        ops.decode_attention(q, kc, vc, tables, lens, d ** -0.5, None, out)
+    end.record()
+    torch.cuda.synchronize()
+    sec = start.elapsed_time(end) / 1e3 / 20
+    kv_bytes = 2 * kc.numel() * kc.element_size()
+    return {"batch": b, "context": ctx, "us": sec * 1e6, "kv_gb_s": kv_bytes / sec / 1e9,
+            "share_of_copy_bandwidth": kv_bytes / sec / bandwidth}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=list(SHAPES), default="1b")
+    ap.add_argument("--tokenizer", required=True, help="tokenizer folder saved with the random model")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 128])
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--backends", nargs="+", default=["turbomind", "pytorch"])
+    ap.add_argument("--skip-attention", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    bandwidth = copy_bandwidth()
+    tmp = Path(tempfile.mkdtemp(prefix="lmq-tm-"))
+    folder = make_model(tmp, args.shape, args.tokenizer)
+    rows = []
+    for backend in args.backends:
+        llm = LLM(str(folder), device="cuda", dtype="bfloat16", backend=backend, gpu_memory_utilization=0.4,
+                  max_model_len=args.input_len + args.output_len + 16, max_num_seqs=max(args.batch_sizes))
+        step_weights = weight_bytes(llm)
+        kv_per_token = llm.engine.config.model.kv_bytes_per_token
+        for b in tqdm(args.batch_sizes, desc=f"{backend} batch sizes"):
+            g = torch.Generator().manual_seed(b)
+            prompts = [torch.randint(3, 32000, (args.input_len,), generator=g).tolist() for _ in range(b)]
+            tok_s = decode_tok_s(llm, prompts, args.output_len)
+            avg_ctx = args.input_len + args.output_len / 2
+            step_bytes = step_weights + b * avg_ctx * kv_per_token
+            roofline_tok_s = b * bandwidth / step_bytes
+            rows.append({"backend": backend, "batch": b, "decode_tok_s": tok_s, "roofline_tok_s": roofline_tok_s,
+                         "share_of_roofline": tok_s / roofline_tok_s})
+            print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}))
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+    result = {"device": torch.cuda.get_device_name(), "shape": args.shape, "copy_gb_s": bandwidth / 1e9,
+              "input_len": args.input_len, "output_len": args.output_len, "rows": rows}
+    by = {(r["backend"], r["batch"]): r["decode_tok_s"] for r in rows}
+    result["turbomind_over_pytorch"] = {b: by[("turbomind", b)] / by[("pytorch", b)] for b in args.batch_sizes
+                                        if ("turbomind", b) in by and ("pytorch", b) in by}
+    if not args.skip_attention:
+        result["decode_attention"] = attention_alone(bandwidth)
+    print(json.dumps(result, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""turbomind on a CUDA GPU (`pytest -m gpu`): each kernel against its torch_engine op over fresh
+random inputs, and the engine end to end against transformers.
+
+Tolerances (max |turbomind - torch|, elementwise), and why: float32 differs only in summation
+order and fast-math exp/rsqrt (a few ulp); half and bfloat16 outputs are rounded once from float32
+accumulators where torch may round intermediate sums too, so they may differ by one or two ulp of
+the output (|x| < 4 here: 2^-9 and 2^-6 relative, a little more near softmax's extremes).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from conftest import SEED, hf_greedy, make_model, random_prompts
+from lmq import LLM, SamplingParams
+from lmq.step_input import StepInput
+from torch_engine import ops as ref
+from torch_engine.attention_metadata import AttentionMetadata
+
+pytestmark = pytest.mark.gpu
+
+ATOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+DTYPES = list(ATOL)
+
+
+@pytest.fixture(scope="module")
+def tm():
+    from turbomind import ops
+
+    return ops
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    err = (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
+    assert err <= ATOL[dtype], f"{what}: max |turbomind - torch| = {err:.3g} > {ATOL[dtype]} ({dtype})"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, n", [(1, 64), (7, 2048), (33, 4096), (130, 1000)])
+def test_rms_norm(tm, dtype, rows, n):
+    g = torch.Generator("cuda").manual_seed(SEED + rows)
+    x = torch.randn(rows, n + 8, device="cuda", generator=g).to(dtype)[:, :n]  # a strided view
+    res = torch.randn(rows, n, device="cuda", generator=g).to(dtype)
+    w = (1 + 0.1 * torch.randn(n, device="cuda", generator=g)).to(dtype)
+    for r in (None, res):
+        out, new_res = tm.rms_norm(x, w, 1e-5, r)
+        ref_out, ref_res = ref.rms_norm(x, w, 1e-5, r)
+        _close(out, ref_out, dtype, f"rms_norm residual={r is not None}")
+        assert torch.equal(new_res, ref_res)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t, inter", [(1, 128), (5, 8192), (64, 1000)])
+def test_silu_and_mul(tm, dtype, t, inter):
+    x = torch.randn(t, 2 * inter, device="cuda", generator=torch.Generator("cuda").manual_seed(SEED)).to(dtype)
+    _close(tm.silu_and_mul(x), ref.silu_and_mul(x), dtype, "silu_and_mul")
+
+
+def _cos_sin(max_len: int, d: int, dtype: torch.dtype) -> torch.Tensor:
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, device="cuda").float() / d))
+    f = torch.outer(torch.arange(max_len, device="cuda").float(), inv)
+    emb = torch.cat((f, f), dim=-1)
+    return torch.stack((emb.cos(), emb.sin()), dim=1).to(dtype)  # [max_len, 2, D]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t, h, hkv, d, bs", [(1, 32, 8, 128, 16), (37, 8, 8, 64, 32), (300, 28, 4, 128, 1)])
+def test_rotary_write_kv(tm, dtype, t, h, hkv, d, bs):
+    g = torch.Generator("cuda").manual_seed(SEED + t)
+    qkv = torch.randn(t, (h + 2 * hkv) * d, device="cuda", generator=g).to(dtype)
+    q, k, v = (x.view(t, -1, d) for x in qkv.split([h * d, hkv * d, hkv * d], dim=1))  # strided views
+    blocks = (t + bs - 1) // bs + 3
+    slots = torch.randperm(blocks * bs, device="cuda", generator=g)[:t]
+    slots[t // 2] = -1 if t > 2 else slots[t // 2]  # a token that writes nothing
+    pos = torch.randint(0, 4000, (t,), device="cuda", generator=g)
+    cs = _cos_sin(4096, d, dtype)
+    caches = [torch.randn(blocks, bs, hkv, d, device="cuda", generator=g).to(dtype) for _ in range(4)]
+    out = tm.rotary_write_kv(pos, q, k, v, cs, caches[0], caches[1], slots)
+    keep = slots >= 0
+    ref_q = ref.rotary_write_kv(pos[keep], q[keep], k[keep], v[keep], cs, caches[2], caches[3], slots[keep])
+    _close(out[keep], ref_q, dtype, "rotary q")
+    ref_q_all, _ = ref.rotary(pos, q, k, cs)
+    _close(out, ref_q_all, dtype, "rotary q (all rows)")
+    for ours, theirs, what in ((caches[0], caches[2], "k cache"), (caches[1], caches[3], "v cache")):
+        _close(ours, theirs, dtype, what)
+
+
+def _step(query_lens: list[int], context_lens: list[int], num_decodes: int, bs: int, num_blocks: int,
+          g: torch.Generator) -> StepInput:
+    """A step over random, shuffled blocks: sequence b's chunk is its last query_lens[b] positions."""
+    nb = max((c + bs - 1) // bs for c in context_lens)
+    perm = torch.randperm(num_blocks, device="cuda", generator=g)
+    tables = perm[:len(query_lens) * nb].view(len(query_lens), nb).int()
+    pos = torch.cat([torch.arange(c - q, c, device="cuda") for q, c in zip(query_lens, context_lens)])
+    seg = torch.repeat_interleave(torch.arange(len(query_lens), device="cuda"),
+                                  torch.tensor(query_lens, device="cuda"))
+    slots = tables[seg, pos // bs].long() * bs + pos % bs
+    qs = torch.tensor([0, *query_lens], device="cuda").cumsum(0).int()
+    return StepInput(token_ids=pos, positions=pos, slot_mapping=slots, query_start=qs,
+                     seq_lens=torch.tensor(context_lens, device="cuda", dtype=torch.int32), block_tables=tables,
+                     num_decodes=num_decodes, query_lens=tuple(query_lens), context_lens=tuple(context_lens),
+                     logit_rows=pos[:0], num_sample_rows=0)
+
+
+ATTENTION_CASES = [  # (dtype, H, Hkv, D, block size, window)
+    (torch.bfloat16, 32, 8, 128, 16, None), (torch.float16, 32, 8, 128, 32, None), (torch.float32, 8, 8, 64, 16, None),
+    (torch.bfloat16, 28, 4, 128, 64, None), (torch.bfloat16, 16, 1, 64, 8, 100), (torch.float32, 12, 4, 128, 1, None),
+    (torch.float16, 32, 2, 64, 128, 700),
+]
+
+
+@pytest.mark.parametrize("dtype, h, hkv, d, bs, window", ATTENTION_CASES)
+def test_attention_mixed_step(tm, dtype, h, hkv, d, bs, window):
+    """Decodes (contexts from 1 to 8k: no split, split-K) and prefill chunks with earlier context
+    (odd lengths, a chunk of one token) in one step, against torch_engine's attention."""
+    rng = random.Random(SEED + h + d + bs)
+    g = torch.Generator("cuda").manual_seed(SEED + bs)
+    decodes = [1, 2, 17, rng.randint(100, 600), 4096, 8192, rng.randint(1, 3000)]
+    chunks = [(5, 5), (77, 77), (1, 300), (130, 1000), (33, 4100)]  # (query len, context len)
+    qlens = [1] * len(decodes) + [q for q, _ in chunks]
+    ctx = decodes + [c for _, c in chunks]
+    nb = max((c + bs - 1) // bs for c in ctx)
+    step = _step(qlens, ctx, len(decodes), bs, len(ctx) * nb + 4, g)
+    kc = torch.randn(len(ctx) * nb + 4, bs, hkv, d, device="cuda", generator=g).to(dtype)
+    vc = torch.randn_like(kc)
+    q = torch.randn(step.num_tokens, h, d, device="cuda", generator=g).to(dtype)
+    meta = AttentionMetadata.from_step(step, bs)
+    with ref.attention_backends(torch.device("cuda")):
+        expected = ref.attention(q, kc, vc, meta, d ** -0.5, window)
+    got = tm.attention(q, kc, vc, meta, d ** -0.5, window)
+    nd = len(decodes)
+    _close(got[:nd], expected[:nd], dtype, "decode attention")
+    _close(got[nd:], expected[nd:], dtype, "prefill attention")
+
+
+@pytest.mark.parametrize("b, ctx", [(1, 33), (3, 1000), (64, 4096)])
+def test_decode_attention_batch_shapes(tm, b, ctx):
+    """Batch sizes that give split-K (1, 3) and a full grid without it (64 x 4096, the benchmark's shape)."""
+    g = torch.Generator("cuda").manual_seed(SEED + b)
+    bs, dtype = 16, torch.bfloat16
+    step = _step([1] * b, [ctx - i % 7 for i in range(b)], b, bs, b * ((ctx + bs - 1) // bs) + 1, g)
+    kc = torch.randn(step.block_tables.numel() + 1, bs, 8, 128, device="cuda", generator=g).to(dtype)
+    vc = torch.randn_like(kc)
+    q = torch.randn(b, 32, 128, device="cuda", generator=g).to(dtype)
+    meta = AttentionMetadata.from_step(step, bs)
+    with ref.attention_backends(torch.device("cuda")):
+        expected = ref.attention(q, kc, vc, meta, 128 ** -0.5)
+    _close(tm.attention(q, kc, vc, meta, 128 ** -0.5), expected, dtype, "decode attention")
+
+
+# -- end to end ----------------------------------------------------------------------------------
+WIDE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)  # head_dim 64
+
+
+@pytest.fixture(scope="module")
+def wide_models(tmp_path_factory) -> dict[str, object]:
+    root = tmp_path_factory.mktemp("wide")
+    extra = {"qwen3": dict(head_dim=64), "mistral": dict(sliding_window=48)}
+    return {a: make_model(root / a, a, seed=i, **WIDE, **extra.get(a, {}))
+            for i, a in enumerate(("llama", "qwen2", "mistral", "qwen3"))}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3"])
+def test_float32_greedy_identical_to_transformers(wide_models, arch):
+    """Graphs and eager, chunked prefill (a budget of 64 tokens) and prefix-cache hits (each prompt
+    twice): every token equals transformers' float32 greedy."""
+    prompts = random_prompts(6, [1, 9, 64, 150, 300, 77], seed=3)
+    expected = hf_greedy(wide_models[arch], prompts, 24, torch.float32, "cuda")
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    for opts in ({}, {"enforce_eager": True}, {"max_num_batched_tokens": 64, "enable_prefix_caching": True}):
+        llm = LLM(str(wide_models[arch]), device="cuda", dtype="float32", backend="turbomind",
+                  gpu_memory_utilization=0.2, **opts)
+        assert llm.engine.config.backend == "turbomind"
+        for _ in range(2 if opts.get("enable_prefix_caching") else 1):
+            got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+            assert got == expected, (arch, opts)
+        del llm
+        torch.cuda.empty_cache()
+
+
+def _peft_greedy(base, adapter: str | None, prompts: list[list[int]], new: int) -> list[list[int]]:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    model = model.cuda().eval()
+    model.generation_config.eos_token_id = None
+    out = []
+    for p in prompts:
+        ids = torch.tensor([p], device="cuda")
+        g = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new,
+                           pad_token_id=0)
+        out.append(g[0, len(p):].tolist())
+    return out
+
+
+def test_float32_mixed_adapters_identical_to_peft(wide_models, tmp_path):
+    """A batch mixing every adapter and the base model, graphs and eager: each request's tokens
+    equal peft's float32 greedy with its adapter alone."""
+    from lora_fixtures import SPECS, make_adapter
+
+    base = wide_models["llama"]
+    adapters = {n: str(make_adapter(base, tmp_path / n, spec, i)) for i, (n, spec) in enumerate(SPECS.items())}
+    prompts = random_prompts(4, [3, 40, 90], seed=400)
+    names = [None, *adapters]
+    expected = {n: _peft_greedy(base, adapters.get(n), prompts, 16) for n in names}
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    ps = [p for p in prompts for _ in names]
+    ns = [n for _ in prompts for n in names]
+    for opts in ({}, {"enforce_eager": True}):
+        llm = LLM(str(base), device="cuda", dtype="float32", backend="turbomind", gpu_memory_utilization=0.2,
+                  adapters=adapters, max_loras=len(adapters), **opts)
+        got = [o.outputs[0].token_ids for o in llm.generate(ps, params, adapter=ns)]
+        assert got == [expected[n][i] for i in range(len(prompts)) for n in names], opts
+        del llm
+        torch.cuda.empty_cache()
+
+
+FED_RTOL = 0.10  # as tests/test_gpu_vlm.py: turbomind's bf16 error within 10% of transformers' bf16
+
+
+def _hf_fed_logprobs(folder, dtype: torch.dtype, prompts: list[list[int]], fed: list[list[int]]) -> torch.Tensor:
+    """Log-probs of the fed tokens under transformers in `dtype`, one forward pass per prompt."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).cuda().eval()
+    out = []
+    with torch.inference_mode():
+        for p, f in zip(prompts, fed, strict=True):
+            ids = torch.tensor([p + f], device="cuda")
+            lp = model(ids).logits[0, len(p) - 1:-1].float().log_softmax(-1)  # [len(f), V]
+            out.append(lp.gather(1, torch.tensor(f, device="cuda")[:, None])[:, 0].cpu())
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_bf16_diverges_from_float32_no_sooner_than_transformers(wide_models, arch):
+    """bf16 greedy on random weights is chaotic, so divergence is measured teacher-forced (see
+    test_gpu_vlm.py): transformers' float32 greedy continuation fed to both bf16 runs, the mean
+    |log-prob error| of each fed token against float32."""
+    folder = wide_models[arch]
+    prompts = random_prompts(24, [5, 33, 64, 150], seed=7)
+    fed = hf_greedy(folder, prompts, 24, torch.float32, "cuda")
+    lp32 = _hf_fed_logprobs(folder, torch.float32, prompts, fed)
+    lp16 = _hf_fed_logprobs(folder, torch.bfloat16, prompts, fed)
+    llm = LLM(str(folder), device="cuda", dtype="bfloat16", backend="turbomind", gpu_memory_utilization=0.2)
+    ours = []
+    for p, f in zip(prompts, fed, strict=True):
+        out = llm.generate({"prompt_token_ids": p + f}, SamplingParams(max_tokens=1, prompt_logprobs=0),
+                           use_tqdm=False)[0]
+        ours += [row[t].logprob for row, t in zip(out.prompt_logprobs[-len(f):], f, strict=True)]
+    e_hf = (lp16 - lp32).abs().mean().item()
+    e_tm = (torch.tensor(ours) - lp32).abs().mean().item()
+    print(f"{arch}: fed-token |dlogprob| vs float32: transformers bf16 {e_hf:.5f}, turbomind bf16 {e_tm:.5f}")
+    assert e_tm <= e_hf * (1 + FED_RTOL), (e_tm, e_hf)

@@ -1,0 +1,79 @@
+"""Loading compiled kernels and launching them on torch's current stream.
+
+Every instantiation a launcher may use is listed in INSTANTIATIONS: one NVRTC compile per file
+(turbomind.compiler caches it in memory and on disk), one loaded module per file and device.
+Kernels take raw pointers and numpy scalars: no CuPy arrays are made, and the launch goes to
+torch's current stream, so a CUDA graph that torch captures records it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+from turbomind.compiler import compile_kernel_file
+
+CTYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
+HEAD_DIMS = (64, 128)
+HEADS_PER_CTA = (1, 2, 4, 8)  # decode attention: query heads of one KV head handled per CTA
+NULL = np.uint64(0)  # a null pointer argument
+i64 = np.int64  # a `long long` argument (plain ints are passed as int32)
+
+INSTANTIATIONS: dict[str, tuple[str, ...]] = {
+    "norm.cu": tuple(f"rms_norm<{t}>" for t in CTYPES.values()),
+    "activation.cu": tuple(f"silu_and_mul<{t}>" for t in CTYPES.values()),
+    "rotary_kv.cu": tuple(f"rotary_write_kv<{t}>" for t in CTYPES.values()),
+    "decode_attention.cu": tuple(f"decode_attention<{t}, {d}, {h}>" for t in CTYPES.values() for d in HEAD_DIMS
+                                 for h in HEADS_PER_CTA)
+    + tuple(f"decode_attention_reduce<{t}>" for t in CTYPES.values()),
+    "prefill_attention.cu": tuple(f"prefill_attention<{t}, {d}>" for t in CTYPES.values() for d in HEAD_DIMS),
+}
+
+
+@functools.cache
+def _module(file: str, device_index: int) -> tuple[object, dict[str, str]]:
+    import cupy
+
+    cubin, lowered = compile_kernel_file(file, INSTANTIATIONS[file])
+    with cupy.cuda.Device(device_index):
+        module = cupy.cuda.function.Module()
+        module.load(cubin)
+    return module, lowered
+
+
+@functools.cache
+def kernel(file: str, name: str, device_index: int) -> object:
+    """The loaded kernel `name` (an entry of INSTANTIATIONS[file]) on a device."""
+    module, lowered = _module(file, device_index)
+    return module.get_function(lowered[name])
+
+
+@functools.cache
+def _stream(ptr: int, device_index: int) -> object:
+    import cupy
+
+    with cupy.cuda.Device(device_index):
+        return cupy.cuda.ExternalStream(ptr)
+
+
+def launch(file: str, name: str, device: torch.device, grid: tuple[int, ...], block: tuple[int, ...],
+           args: tuple) -> None:
+    """Launch on torch's current stream of `device`; args: tensors (passed as pointers),
+    ints (int32), floats (float32), or numpy scalars of the exact type (i64, NULL)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _stream(torch.cuda.current_stream(device).cuda_stream, index)
+    kernel(file, name, index)(grid, block, tuple(_arg(a) for a in args), stream=stream)
+
+
+def _arg(a: object) -> object:
+    if isinstance(a, torch.Tensor):
+        return np.uint64(a.data_ptr())
+    if isinstance(a, bool):
+        raise TypeError("pass flags as int")
+    if isinstance(a, int):
+        return np.int32(a)
+    if isinstance(a, float):
+        return np.float32(a)
+    return a

@@ -1,0 +1,195 @@
+"""turbomind's ops: torch_engine.ops' interface, with the non-GEMM ops as CUDA kernels of
+turbomind/kernels (compiled through NVRTC, launched on torch's current stream, so CUDA graphs
+capture them). Each launcher checks shapes, dtypes and strides before it launches; the same op
+in torch_engine.ops is its oracle (tests/test_gpu_turbomind.py). GEMMs (dense, AWQ dequantized,
+LoRA) and the embedding stay on cuBLAS / torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+from torch_engine.attention_metadata import AttentionMetadata
+from torch_engine.ops import awq_linear, embedding, linear  # noqa: F401  (GEMMs: cuBLAS through torch)
+from turbomind.launch import CTYPES, HEAD_DIMS, HEADS_PER_CTA, NULL, i64, launch
+
+__all__ = ["attention", "attention_backends", "awq_linear", "embedding", "linear", "rms_norm", "rotary_write_kv",
+           "silu_and_mul"]
+
+DECODE_THREADS = 128  # decode_attention.cu's block (4 warps)
+PREFILL_QUERIES = 32  # prefill_attention.cu's QT
+MIN_SPLIT_TOKENS = 256  # split-K: no split of the context shorter than this
+
+
+def attention_backends(device: torch.device) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()  # no SDPA here
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(f"turbomind: {message}")
+
+
+def _dtype(*tensors: torch.Tensor) -> str:
+    dt = tensors[0].dtype
+    _check(dt in CTYPES, f"dtype {dt} is not supported (float32, float16, bfloat16)")
+    _check(all(t.dtype == dt for t in tensors), f"dtypes differ: {[str(t.dtype) for t in tensors]}")
+    _check(all(t.is_cuda and t.device == tensors[0].device for t in tensors), "tensors must be on one CUDA device")
+    return CTYPES[dt]
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x [..., n] as [rows, n] with unit inner stride and one row stride (a copy only if needed)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch_engine.ops.rms_norm: (weight * norm(x (+ residual)), x (+ residual))."""
+    n = x.shape[-1]
+    _check(weight.shape == (n,) and weight.is_contiguous(), f"weight {tuple(weight.shape)} must be [{n}], contiguous")
+    t = _dtype(x, weight, *([residual] if residual is not None else []))
+    x2 = _rows(x)
+    rows = x2.shape[0]
+    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    if residual is not None:
+        _check(residual.shape == x.shape, f"residual {tuple(residual.shape)} must match x {tuple(x.shape)}")
+        res = residual.reshape(rows, n).contiguous()
+        new_res = torch.empty_like(out)
+    else:
+        res = new_res = NULL  # the kernel norms x alone
+    if rows:
+        threads = 128 if n <= 512 else 256 if n <= 2048 else 512
+        launch("norm.cu", f"rms_norm<{t}>", x.device, (rows,), (threads,),
+               (out, new_res, x2, res, weight, n, i64(x2.stride(0)), float(eps)))
+    out = out.view(x.shape)
+    return out, (new_res.view(x.shape) if residual is not None else x)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x: [T, 2 * I] (gate | up) -> [T, I]"""
+    _check(x.dim() == 2 and x.shape[1] % 2 == 0 and x.stride(1) == 1, f"x {tuple(x.shape)} must be [T, 2 * I], rows"
+           " contiguous")
+    t, inter = x.shape[0], x.shape[1] // 2
+    out = torch.empty(t, inter, dtype=x.dtype, device=x.device)
+    if t:
+        launch("activation.cu", f"silu_and_mul<{_dtype(x)}>", x.device, ((inter + 255) // 256, t), (256,),
+               (out, x, inter, i64(x.stride(0))))
+    return out
+
+
+def rotary_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    slot_mapping: torch.Tensor) -> torch.Tensor:
+    """Rotary on q and k, k and v written to the cache at slot_mapping, in one kernel.
+    q: [T, H, D], k, v: [T, Hkv, D] (inner dim contiguous); caches [blocks, bs, Hkv, D];
+    cos_sin [max_len, 2, D] -> rotated q, contiguous [T, H, D]."""
+    tokens, heads, d = q.shape
+    kv_heads = k.shape[1]
+    t = _dtype(q, k, v, cos_sin, k_cache, v_cache)
+    _check(k.shape == v.shape == (tokens, kv_heads, d), f"k {tuple(k.shape)}, v {tuple(v.shape)} must be "
+           f"[{tokens}, Hkv, {d}]")
+    _check(d % 2 == 0 and all(x.stride(-1) == 1 for x in (q, k, v)), "q, k, v need an even, contiguous head dim")
+    _check(k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape == v_cache.shape
+           and k_cache.shape[2:] == (kv_heads, d), f"caches {tuple(k_cache.shape)} must be contiguous "
+           f"[blocks, bs, {kv_heads}, {d}]")
+    _check(cos_sin.is_contiguous() and cos_sin.shape[1:] == (2, d), f"cos_sin {tuple(cos_sin.shape)} must be "
+           f"contiguous [max_len, 2, {d}]")
+    _check(positions.dtype == slot_mapping.dtype == torch.int64 and positions.shape == slot_mapping.shape == (tokens,)
+           and positions.is_contiguous() and slot_mapping.is_contiguous(), "positions and slot_mapping must be "
+           f"contiguous int64 [{tokens}]")
+    out = torch.empty(tokens, heads, d, dtype=q.dtype, device=q.device)
+    if tokens:
+        launch("rotary_kv.cu", f"rotary_write_kv<{t}>", q.device, (tokens,), (256,),
+               (out, k_cache, v_cache, q, k, v, positions, slot_mapping, cos_sin, heads, kv_heads, d,
+                *(i64(x.stride(i)) for x in (q, k, v) for i in (0, 1))))
+    return out
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def decode_splits(num_ctas: int, max_context: int, device: torch.device) -> int:
+    """Split-K factor: enough CTAs for about two waves over the SMs, no split under
+    MIN_SPLIT_TOKENS keys. A function of shapes only, so one CUDA graph bucket keeps one value."""
+    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    if num_ctas >= sms:
+        return 1
+    return max(1, min(-(-2 * sms // num_ctas), -(-max_context // MIN_SPLIT_TOKENS)))
+
+
+def _check_cache_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+                        lens: torch.Tensor) -> str:
+    t = _dtype(q, k_cache, v_cache)
+    d = q.shape[-1]
+    _check(d in HEAD_DIMS, f"head_dim={d} is not supported: must be one of {HEAD_DIMS}")
+    _check(q.is_contiguous(), "q must be contiguous [T, H, D]")
+    _check(k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape == v_cache.shape
+           and k_cache.shape[-1] == d and q.shape[1] % k_cache.shape[2] == 0,
+           f"caches {tuple(k_cache.shape)} must be contiguous [blocks, bs, Hkv, {d}] with Hkv dividing H={q.shape[1]}")
+    _check(tables.dtype == lens.dtype == torch.int32 and (tables.shape[1] <= 1 or tables.stride(1) == 1)
+           and lens.is_contiguous(), "block tables and lengths must be int32, rows contiguous")
+    return t
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     context_lens: torch.Tensor, scale: float, window: int | None, out: torch.Tensor) -> None:
+    """q, out: [B, H, D] contiguous; block_tables [B, nb] int32; context_lens [B] int32 (>= 1)."""
+    t = _check_cache_inputs(q, k_cache, v_cache, block_tables, context_lens)
+    b, heads, d = q.shape
+    kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    group = heads // kv_heads
+    hpc = min(1 << (group - 1).bit_length(), HEADS_PER_CTA[-1])
+    chunks = -(-group // hpc)
+    max_context = block_tables.shape[1] * block_size
+    splits = decode_splits(b * kv_heads * chunks, max_context, q.device)
+    split_tokens = -(-max_context // splits)
+    if splits > 1:
+        ws_acc = torch.empty(b, heads, splits, d, dtype=torch.float32, device=q.device)
+        ws_ml = torch.empty(b, heads, splits, 2, dtype=torch.float32, device=q.device)
+    else:
+        ws_acc = ws_ml = NULL
+    launch("decode_attention.cu", f"decode_attention<{t}, {d}, {hpc}>", q.device, (b, kv_heads * chunks, splits),
+           (DECODE_THREADS,), (out, ws_acc, ws_ml, q, k_cache, v_cache, block_tables, i64(block_tables.stride(0)),
+                               context_lens, heads, kv_heads, block_size, split_tokens, float(scale),
+                               window or 0))
+    if splits > 1:
+        launch("decode_attention.cu", f"decode_attention_reduce<{t}>", q.device, (b * heads,), (d,),
+               (out, ws_acc, ws_ml, splits, d))
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                      query_start: torch.Tensor, seq_lens: torch.Tensor, max_query_len: int, scale: float,
+                      window: int | None, out: torch.Tensor) -> None:
+    """q, out: [Tp, H, D] contiguous, the prefill rows; query_start [Bp + 1] int32 rows of q;
+    seq_lens [Bp] int32; block_tables [Bp, nb] int32."""
+    t = _check_cache_inputs(q, k_cache, v_cache, block_tables, seq_lens)
+    _check(query_start.dtype == torch.int32 and query_start.shape == (seq_lens.shape[0] + 1,),
+           f"query_start must be int32 [{seq_lens.shape[0] + 1}]")
+    bp, (_, heads, d) = seq_lens.shape[0], q.shape
+    launch("prefill_attention.cu", f"prefill_attention<{t}, {d}>", q.device,
+           (-(-max_query_len // PREFILL_QUERIES), heads, bp), (4 * PREFILL_QUERIES,),
+           (out, q, k_cache, v_cache, query_start, seq_lens, block_tables, i64(block_tables.stride(0)), heads,
+            k_cache.shape[2], k_cache.shape[1], float(scale), window or 0))
+
+
+def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+              scale: float, window: int | None = None) -> torch.Tensor:
+    """Causal attention of the step's queries over the blocked cache, which already holds this
+    step's K/V (`rotary_write_kv`). q: [T, H, D] -> [T, H, D]; decode rows first, then prefill."""
+    nd = meta.num_decode_tokens
+    out = torch.empty_like(q)
+    if nd:
+        decode_attention(q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale, window,
+                         out[:nd])
+    if meta.num_prefill_seqs:
+        prefill_attention(q[nd:], k_cache, v_cache, meta.prefill_block_tables, meta.prefill_query_start,
+                          meta.prefill_seq_lens, meta.prefill_max_query_len, scale, window, out[nd:])
+    return out
+
