@@ -151,6 +151,29 @@ def test_decode_attention_batch_shapes(tm, b, ctx):
     _close(tm.attention(q, kc, vc, meta, 128 ** -0.5), expected, dtype, "decode attention")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m, k, n, group", [(1, 4096, 4096, 128), (3, 4096, 14336, 128), (8, 14336, 4096, 128),
+                                            (5, 576, 1536, 64), (2, 256, 72, 32)])
+def test_awq_gemv(tm, dtype, m, k, n, group):
+    """The W4A16 kernel against dequantize-then-matmul (bf16/fp16 weights rounded once there:
+    the tolerance scales with the output's size, sqrt(k) * |x| * |w|)."""
+    from quant_tools.awq_format import pack
+
+    g = torch.Generator("cuda").manual_seed(SEED + m + n)
+    q = torch.randint(0, 16, (k, n), device="cuda", generator=g)
+    z = torch.randint(0, 16, (k // group, n), device="cuda", generator=g)
+    scales = (0.01 + 0.02 * torch.rand(k // group, n, device="cuda", generator=g)).half()
+    x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
+    args = (pack(q), pack(z), scales, group)
+    got = tm.awq_linear(x, *args)
+    expected = ref.awq_linear(x, *args)
+    err = (got.float() - expected.float()).abs().max().item()
+    scale = expected.float().abs().mean().item()
+    assert err <= 2e-2 * scale + 1e-3, (err, scale)
+    bias = torch.randn(n, device="cuda", generator=g).to(dtype)
+    _close(tm.awq_linear(x, *args, bias) - bias, got, dtype, "awq bias")
+
+
 # -- end to end ----------------------------------------------------------------------------------
 WIDE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)  # head_dim 64
 

@@ -28,6 +28,8 @@ INSTANTIATIONS: dict[str, tuple[str, ...]] = {
     "decode_attention.cu": tuple(f"decode_attention<{t}, {d}, {h}>" for t in CTYPES.values() for d in HEAD_DIMS
                                  for h in HEADS_PER_CTA)
     + tuple(f"decode_attention_reduce<{t}>" for t in CTYPES.values()),
+    "awq_gemv.cu": tuple(f"awq_gemv<{t}>" for t in CTYPES.values())
+    + tuple(f"awq_gemv_reduce<{t}>" for t in CTYPES.values()),
     "prefill_attention.cu": tuple(f"prefill_attention<{t}, {d}>" for t in CTYPES.values() for d in HEAD_DIMS),
 }
 

@@ -12,8 +12,10 @@ import functools
 
 import torch
 
+from lora.ops import LoRAMetadata, LoRAStack, add_lora
+from torch_engine import ops as torch_ops
 from torch_engine.attention_metadata import AttentionMetadata
-from torch_engine.ops import awq_linear, embedding, linear  # noqa: F401  (GEMMs: cuBLAS through torch)
+from torch_engine.ops import embedding, linear  # noqa: F401  (GEMMs: cuBLAS through torch)
 from turbomind.launch import CTYPES, HEAD_DIMS, HEADS_PER_CTA, NULL, i64, launch
 
 __all__ = ["attention", "attention_backends", "awq_linear", "embedding", "linear", "rms_norm", "rotary_write_kv",
@@ -22,6 +24,8 @@ __all__ = ["attention", "attention_backends", "awq_linear", "embedding", "linear
 DECODE_THREADS = 128  # decode_attention.cu's block (4 warps)
 PREFILL_QUERIES = 32  # prefill_attention.cu's QT
 MIN_SPLIT_TOKENS = 256  # split-K: no split of the context shorter than this
+AWQ_GEMV_MAX_ROWS = 8  # awq_gemv.cu's MMAX: more rows go to dequantize + cuBLAS
+AWQ_KS = 8  # awq_gemv.cu's KS: thread rows per CTA, each over its own inputs
 
 
 def attention_backends(device: torch.device) -> contextlib.AbstractContextManager:
@@ -193,3 +197,53 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
                           meta.prefill_seq_lens, meta.prefill_max_query_len, scale, window, out[nd:])
     return out
 
+
+
+def _awq_per_thread(in_features: int, group_size: int) -> int:
+    """Inputs each awq_gemv thread sums: a divisor of the group (one scale), at most 32, with
+    KS of them tiling the input dim."""
+    for pt in (32, 16, 8, 4, 2, 1):
+        if group_size % pt == 0 and in_features % (AWQ_KS * pt) == 0:
+            return pt
+    raise ValueError(f"turbomind: in_features={in_features} is not a multiple of {AWQ_KS}")
+
+
+def awq_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+             group_size: int) -> torch.Tensor:
+    """x: [M <= 8, in] -> [M, out]: the W4A16 kernel over AutoAWQ's packed tensors."""
+    m, in_features = x.shape
+    out_features = scales.shape[1]
+    t = _dtype(x)
+    _check(m <= AWQ_GEMV_MAX_ROWS, f"awq_gemv takes at most {AWQ_GEMV_MAX_ROWS} rows, got {m}")
+    _check(qweight.dtype == qzeros.dtype == torch.int32 and scales.dtype == torch.float16
+           and qweight.shape == (in_features, out_features // 8) and out_features % 8 == 0
+           and qzeros.shape == (in_features // group_size, out_features // 8)
+           and scales.shape[0] == in_features // group_size and in_features % group_size == 0
+           and all(p.is_contiguous() for p in (qweight, qzeros, scales)),
+           f"AWQ tensors qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)}, scales {tuple(scales.shape)} "
+           f"do not match in={in_features}, group_size={group_size} in AutoAWQ's GEMM layout")
+    x = x.contiguous()
+    pt = _awq_per_thread(in_features, group_size)
+    splits = in_features // (AWQ_KS * pt)
+    ws = torch.empty(splits, m, out_features, dtype=torch.float32, device=x.device)
+    y = torch.empty(m, out_features, dtype=x.dtype, device=x.device)
+    launch("awq_gemv.cu", f"awq_gemv<{t}>", x.device, (-(-out_features // 8 // 32), splits), (32, AWQ_KS),
+           (ws, x, qweight, qzeros, scales, m, in_features, out_features, group_size, AWQ_KS * pt))
+    n = m * out_features
+    launch("awq_gemv.cu", f"awq_gemv_reduce<{t}>", x.device, (-(-n // 256),), (256,), (y, ws, splits, i64(n)))
+    return y
+
+
+def awq_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
+               bias: torch.Tensor | None = None, lora: LoRAStack | None = None,
+               lora_meta: LoRAMetadata | None = None) -> torch.Tensor:
+    """torch_engine.ops.awq_linear: the W4A16 kernel for up to 8 rows (decode), else the weight
+    dequantized and cuBLAS (prefill, large batches)."""
+    if x.shape[0] > AWQ_GEMV_MAX_ROWS or x.shape[0] == 0:
+        return torch_ops.awq_linear(x, qweight, qzeros, scales, group_size, bias, lora, lora_meta)
+    y = awq_gemv(x, qweight, qzeros, scales, group_size)
+    if bias is not None:
+        y = y + bias
+    if lora is not None and lora_meta is not None and lora_meta.rank:
+        y = add_lora(y, x, lora, lora_meta)
+    return y
