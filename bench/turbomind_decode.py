@@ -9,7 +9,9 @@ Random weights in the Llama-3.2-1B or Llama-3-8B shape, bf16. Reported:
   output_len tokens minus that of a run of one token, over batch * (output_len - 1) tokens;
 - batch-1 decode against the roofline: (weight bytes + KV bytes read per step) / copy bandwidth;
 - decode attention alone at batch 64 x 4,096 context (32 / 8 heads, head_dim 128): K and V
-  bytes / kernel time, as a share of the copy bandwidth.
+  bytes / kernel time, as a share of the copy bandwidth;
+- with --awq: the same model round-to-nearest quantized to an AutoAWQ GEMM checkpoint (group
+  128, float16 activations), batch-1 decode on turbomind against the bf16 model's (issue 13).
 """
 
 from __future__ import annotations
@@ -49,6 +51,25 @@ def make_model(folder: Path, shape: str, tokenizer_dir: str) -> Path:
     del model
     torch.cuda.empty_cache()
     return folder
+
+
+def make_awq(dense: Path, out: Path, group_size: int = 128) -> Path:
+    """An AutoAWQ GEMM checkpoint of `dense` by round-to-nearest (lmq awq's packing and writer,
+    without its calibration: the benchmark measures speed, not accuracy)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quant_tools.awq import LINEARS, AWQConfig, _packed, _write
+
+    model = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.bfloat16).cuda()
+    packed: dict[str, torch.Tensor] = {}
+    for i, layer in enumerate(tqdm(model.model.layers, desc="RTN AWQ")):
+        for name in LINEARS:
+            packed |= _packed(f"model.layers.{i}.{name}", layer.get_submodule(name), group_size)
+    out.mkdir(parents=True)
+    _write(model, packed, AutoTokenizer.from_pretrained(dense), AWQConfig(group_size=group_size), out)
+    del model
+    torch.cuda.empty_cache()
+    return out
 
 
 def copy_bandwidth() -> float:
@@ -129,19 +150,24 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--backends", nargs="+", default=["turbomind", "pytorch"])
     ap.add_argument("--skip-attention", action="store_true")
+    ap.add_argument("--awq", action="store_true", help="also batch-1 decode of an AWQ copy on turbomind")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
     bandwidth = copy_bandwidth()
     tmp = Path(tempfile.mkdtemp(prefix="lmq-tm-"))
     folder = make_model(tmp, args.shape, args.tokenizer)
+    runs = [(b, folder, "bfloat16") for b in args.backends]
+    if args.awq:
+        runs.append(("turbomind-awq", make_awq(folder, tmp / "awq"), "float16"))
     rows = []
-    for backend in args.backends:
-        llm = LLM(str(folder), device="cuda", dtype="bfloat16", backend=backend, gpu_memory_utilization=0.4,
+    for backend, model_dir, dtype in runs:
+        llm = LLM(str(model_dir), device="cuda", dtype=dtype, backend=backend.removesuffix("-awq"),
+                  gpu_memory_utilization=0.4,
                   max_model_len=args.input_len + args.output_len + 16, max_num_seqs=max(args.batch_sizes))
         step_weights = weight_bytes(llm)
         kv_per_token = llm.engine.config.model.kv_bytes_per_token
-        for b in tqdm(args.batch_sizes, desc=f"{backend} batch sizes"):
+        for b in tqdm([1] if backend.endswith("-awq") else args.batch_sizes, desc=f"{backend} batch sizes"):
             g = torch.Generator().manual_seed(b)
             prompts = [torch.randint(3, 32000, (args.input_len,), generator=g).tolist() for _ in range(b)]
             tok_s = decode_tok_s(llm, prompts, args.output_len)
@@ -157,6 +183,8 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name(), "shape": args.shape, "copy_gb_s": bandwidth / 1e9,
               "input_len": args.input_len, "output_len": args.output_len, "rows": rows}
     by = {(r["backend"], r["batch"]): r["decode_tok_s"] for r in rows}
+    if ("turbomind-awq", 1) in by and ("turbomind", 1) in by:
+        result["awq_over_bf16_batch1"] = by[("turbomind-awq", 1)] / by[("turbomind", 1)]
     result["turbomind_over_pytorch"] = {b: by[("turbomind", b)] / by[("pytorch", b)] for b in args.batch_sizes
                                         if ("turbomind", b) in by and ("pytorch", b) in by}
     if not args.skip_attention:
