@@ -204,34 +204,16 @@ def test_float32_greedy_identical_to_transformers(wide_models, arch):
         torch.cuda.empty_cache()
 
 
-def _peft_greedy(base, adapter: str | None, prompts: list[list[int]], new: int) -> list[list[int]]:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, adapter)
-    model = model.cuda().eval()
-    model.generation_config.eos_token_id = None
-    out = []
-    for p in prompts:
-        ids = torch.tensor([p], device="cuda")
-        g = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new,
-                           pad_token_id=0)
-        out.append(g[0, len(p):].tolist())
-    return out
-
-
 def test_float32_mixed_adapters_identical_to_peft(wide_models, tmp_path):
     """A batch mixing every adapter and the base model, graphs and eager: each request's tokens
     equal peft's float32 greedy with its adapter alone."""
-    from lora_fixtures import SPECS, make_adapter
+    from lora_fixtures import SPECS, make_adapter, peft_greedy
 
     base = wide_models["llama"]
     adapters = {n: str(make_adapter(base, tmp_path / n, spec, i)) for i, (n, spec) in enumerate(SPECS.items())}
     prompts = random_prompts(4, [3, 40, 90], seed=400)
     names = [None, *adapters]
-    expected = {n: _peft_greedy(base, adapters.get(n), prompts, 16) for n in names}
+    expected = {n: peft_greedy(base, adapters.get(n), prompts, 16, torch.float32, "cuda") for n in names}
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
     ps = [p for p in prompts for _ in names]
     ns = [n for _ in prompts for n in names]

@@ -38,10 +38,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            lora: LoRAStack | None = None, lora_meta: LoRAMetadata | None = None) -> torch.Tensor:
     """x: [T, in], weight: [out, in] -> [T, out], plus each token's adapter delta when the step
     has adapter tokens (`lora_meta.rank > 0`)."""
-    y = F.linear(x, weight, bias)
-    if lora is not None and lora_meta is not None and lora_meta.rank:
-        y = add_lora(y, x, lora, lora_meta)
-    return y
+    return add_bias_and_lora(F.linear(x, weight, bias), x, None, lora, lora_meta)
 
 
 def awq_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
@@ -50,6 +47,13 @@ def awq_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
     """x: [T, in]; AutoAWQ's packed qweight [in, out / 8], qzeros [in / g, out / 8], scales
     [in / g, out] -> [T, out]: the weight dequantized for this call, then `linear`'s matmul."""
     y = x @ dequantize(qweight, qzeros, scales, group_size, x.dtype)  # [T, out]
+    return add_bias_and_lora(y, x, bias, lora, lora_meta)
+
+
+def add_bias_and_lora(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, lora: LoRAStack | None,
+                      lora_meta: LoRAMetadata | None) -> torch.Tensor:
+    """y [T, out] = x @ W^T from any GEMM, plus the bias and each token's adapter delta (when the
+    step has adapter tokens: `lora_meta.rank > 0`)."""
     if bias is not None:
         y = y + bias
     if lora is not None and lora_meta is not None and lora_meta.rank:

@@ -60,11 +60,15 @@ def _stream(ptr: int, device_index: int) -> object:
         return cupy.cuda.ExternalStream(ptr)
 
 
+def device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def launch(file: str, name: str, device: torch.device, grid: tuple[int, ...], block: tuple[int, ...],
            args: tuple) -> None:
     """Launch on torch's current stream of `device`; args: tensors (passed as pointers),
     ints (int32), floats (float32), or numpy scalars of the exact type (i64, NULL)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = device_index(device)
     stream = _stream(torch.cuda.current_stream(device).cuda_stream, index)
     kernel(file, name, index)(grid, block, tuple(_arg(a) for a in args), stream=stream)
 

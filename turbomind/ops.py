@@ -12,11 +12,11 @@ import functools
 
 import torch
 
-from lora.ops import LoRAMetadata, LoRAStack, add_lora
+from lora.ops import LoRAMetadata, LoRAStack
 from torch_engine import ops as torch_ops
 from torch_engine.attention_metadata import AttentionMetadata
 from torch_engine.ops import embedding, linear  # noqa: F401  (GEMMs: cuBLAS through torch)
-from turbomind.launch import CTYPES, HEAD_DIMS, HEADS_PER_CTA, NULL, i64, launch
+from turbomind.launch import CTYPES, HEAD_DIMS, HEADS_PER_CTA, NULL, device_index, i64, launch
 
 __all__ = ["attention", "attention_backends", "awq_linear", "embedding", "linear", "rms_norm", "rotary_write_kv",
            "silu_and_mul"]
@@ -122,7 +122,7 @@ def _num_sms(device_index: int) -> int:
 def decode_splits(num_ctas: int, max_context: int, device: torch.device) -> int:
     """Split-K factor: enough CTAs for about two waves over the SMs, no split under
     MIN_SPLIT_TOKENS keys. A function of shapes only, so one CUDA graph bucket keeps one value."""
-    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    sms = _num_sms(device_index(device))
     if num_ctas >= sms:
         return 1
     return max(1, min(-(-2 * sms // num_ctas), -(-max_context // MIN_SPLIT_TOKENS)))
@@ -198,7 +198,6 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
     return out
 
 
-
 def _awq_per_thread(in_features: int, group_size: int) -> int:
     """Inputs each awq_gemv thread sums: a divisor of the group (one scale), at most 32, with
     KS of them tiling the input dim."""
@@ -241,9 +240,4 @@ def awq_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
     dequantized and cuBLAS (prefill, large batches)."""
     if x.shape[0] > AWQ_GEMV_MAX_ROWS or x.shape[0] == 0:
         return torch_ops.awq_linear(x, qweight, qzeros, scales, group_size, bias, lora, lora_meta)
-    y = awq_gemv(x, qweight, qzeros, scales, group_size)
-    if bias is not None:
-        y = y + bias
-    if lora is not None and lora_meta is not None and lora_meta.rank:
-        y = add_lora(y, x, lora, lora_meta)
-    return y
+    return torch_ops.add_bias_and_lora(awq_gemv(x, qweight, qzeros, scales, group_size), x, bias, lora, lora_meta)
