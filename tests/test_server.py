@@ -247,7 +247,9 @@ def test_disconnect_mid_stream_frees_blocks(server):
     with held_after(_engine(server), 3):
         with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as resp:
             next(resp.iter_lines())
-            assert _engine(server).stats().num_running == 1
+            # stats() is the snapshot of the engine's last published step, which may reach this
+            # process after that step's first token: wait for it (the held request stays running)
+            wait_for(lambda: _engine(server).stats().num_running == 1, "the streaming request counts as running")
         _assert_aborted_and_freed(server, before)
     _wait_idle(server)
 
