@@ -70,8 +70,11 @@ class ChatHandlers:
                         return  # retried meanwhile: the newer attempt owns the turn
                     if delta.completion_tokens is not None:
                         stats.prompt_tokens, stats.completion_tokens = delta.prompt_tokens, delta.completion_tokens
-                    if delta.text:
+                    if delta.text or delta.completion_tokens:
+                        # the first token is the first delta with text, or the usage when no token
+                        # had text of its own (e.g. a lone end-of-turn token): speed is then 0
                         stats.first_token = stats.first_token or time.monotonic()
+                    if delta.text:
                         turn.answer += delta.text
                         yield conv.chatbot_messages(), conv, "…"
         except (APIRequestError, ValueError) as e:  # ValueError: a stream that is not JSON
