@@ -112,7 +112,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=128)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
-    ap.add_argument("--peft-batches", type=int, default=1, help="peft runs this many batches (it is slow)")
+    ap.add_argument("--peft-batches", type=int, default=1, help="peft runs this many batches (it is slow; 0: skip)")
+    ap.add_argument("--backend", default="auto", choices=["auto", "pytorch", "turbomind"])
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -123,7 +124,7 @@ def main() -> None:
         max_n = max(args.num_adapters)
         llm = LLM(folder, device=args.device, max_model_len=args.input_len + args.output_len + 16,
                   max_num_seqs=args.batch, enable_lora=True, max_loras=min(max_n, args.batch),
-                  max_lora_rank=args.rank, max_cpu_loras=max(max_n, args.batch))
+                  max_lora_rank=args.rank, max_cpu_loras=max(max_n, args.batch), backend=args.backend)
         dev, vocab = llm.engine.config.device, llm.engine.config.model.vocab_size
         paths = [write_adapter(tmp / f"a{i}", llm, args.rank, i, dev)
                  for i in tqdm(range(max_n), desc="writing adapters")]
@@ -133,7 +134,7 @@ def main() -> None:
         toks = args.requests * args.output_len
         run_lmq(llm, prompts[:args.batch], [None] * args.batch, 8)  # warm-up: graphs, allocator
         t_base = run_lmq(llm, prompts, [None] * args.requests, args.output_len)
-        hf = load_hf(folder, llm.engine.config.model.dtype, dev)
+        hf = load_hf(folder, llm.engine.config.model.dtype, dev) if args.peft_batches else None
         rows = []
         for n in tqdm(args.num_adapters, desc="adapter counts"):
             rng = random.Random(n)
@@ -142,9 +143,11 @@ def main() -> None:
             loads0 = llm.engine.adapters.num_slot_loads
             t_lmq = run_lmq(llm, prompts, names, args.output_len)
             k = args.peft_batches * args.batch
-            t_peft = run_peft(hf, {f"a{i}": p for i, p in enumerate(paths)}, prompts[:k], names[:k],
-                              args.output_len, args.batch, dev)
-            peft_tok_s = k * args.output_len / t_peft
+            peft_tok_s = float("nan")
+            if k:
+                t_peft = run_peft(hf, {f"a{i}": p for i, p in enumerate(paths)}, prompts[:k], names[:k],
+                                  args.output_len, args.batch, dev)
+                peft_tok_s = k * args.output_len / t_peft
             rows.append({"adapters": n, "lmq_tok_s": toks / t_lmq, "base_tok_s": toks / t_base,
                          "peft_tok_s": peft_tok_s, "vs_base": t_base / t_lmq, "vs_peft": toks / t_lmq / peft_tok_s,
                          "slot_loads": llm.engine.adapters.num_slot_loads - loads0})
@@ -152,7 +155,8 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     name = torch.cuda.get_device_name() if str(dev).startswith("cuda") else "CPU"
-    print(f"\nmodel={'random-1b' if args.random_1b else folder} device={name} rank={args.rank} batch={args.batch} "
+    print(f"\nmodel={'random-1b' if args.random_1b else folder} backend={llm.engine.config.backend} device={name} "
+          f"rank={args.rank} batch={args.batch} "
           f"requests={args.requests} input_len<={args.input_len} output_len={args.output_len}")
     print(f"{'adapters':>8} {'lmq tok/s':>10} {'base tok/s':>10} {'peft tok/s':>10} {'lmq/base':>8} "
           f"{'lmq/peft':>8} {'slot loads':>10}")

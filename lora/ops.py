@@ -57,11 +57,14 @@ class LoRAMetadata:
     onehot: [T', S] in the model dtype, one row per LoRA-computed token (all zero for a base
         token in a graph step).
     rows: [T'] int64 indices of those tokens in the step, or None when T' is the whole step.
+    slots: [T'] int64 slot of each of those tokens (-1: base), what turbomind's gather kernels
+        read instead of the one-hot; None where only the one-hot is built.
     """
 
     rank: int
     onehot: torch.Tensor
     rows: torch.Tensor | None = None
+    slots: torch.Tensor | None = None
 
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, stack: LoRAStack, meta: LoRAMetadata) -> torch.Tensor:

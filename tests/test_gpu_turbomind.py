@@ -151,27 +151,87 @@ def test_decode_attention_batch_shapes(tm, b, ctx):
     _close(tm.attention(q, kc, vc, meta, 128 ** -0.5), expected, dtype, "decode attention")
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("m, k, n, group", [(1, 4096, 4096, 128), (3, 4096, 14336, 128), (8, 14336, 4096, 128),
-                                            (5, 576, 1536, 64), (2, 256, 72, 32)])
-def test_awq_gemv(tm, dtype, m, k, n, group):
-    """The W4A16 kernel against dequantize-then-matmul (bf16/fp16 weights rounded once there:
-    the tolerance scales with the output's size, sqrt(k) * |x| * |w|)."""
+def _awq_case(m: int, k: int, n: int, group: int, dtype: torch.dtype) -> tuple[torch.Tensor, tuple]:
+    """x [m, k] and AutoAWQ's packed (qweight, qzeros, scales, group) of a random [k, n] weight."""
     from quant_tools.awq_format import pack
 
-    g = torch.Generator("cuda").manual_seed(SEED + m + n)
+    g = torch.Generator("cuda").manual_seed(SEED + m + n + k)
     q = torch.randint(0, 16, (k, n), device="cuda", generator=g)
     z = torch.randint(0, 16, (k // group, n), device="cuda", generator=g)
     scales = (0.01 + 0.02 * torch.rand(k // group, n, device="cuda", generator=g)).half()
     x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
-    args = (pack(q), pack(z), scales, group)
-    got = tm.awq_linear(x, *args)
-    expected = ref.awq_linear(x, *args)
+    return x, (pack(q), pack(z), scales, group)
+
+
+def _awq_close(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """Both sides round the dequantized weight to x's dtype once and accumulate in fp32; what
+    differs is the summation order and the output's rounding, within 2% of the mean |y|."""
     err = (got.float() - expected.float()).abs().max().item()
     scale = expected.float().abs().mean().item()
     assert err <= 2e-2 * scale + 1e-3, (err, scale)
-    bias = torch.randn(n, device="cuda", generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m, k, n, group", [(1, 4096, 4096, 128), (3, 4096, 14336, 128), (8, 14336, 4096, 128),
+                                            (5, 576, 1536, 64), (2, 256, 72, 32)])
+def test_awq_gemv(tm, dtype, m, k, n, group):
+    """The W4A16 GEMV (decode rows) against dequantize-then-matmul."""
+    x, args = _awq_case(m, k, n, group, dtype)
+    got = tm.awq_linear(x, *args)
+    _awq_close(got, ref.awq_linear(x, *args))
+    bias = torch.randn(n, device="cuda").to(dtype)
     _close(tm.awq_linear(x, *args, bias) - bias, got, dtype, "awq bias")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m, k, n, group", [(9, 4096, 4096, 128), (128, 4096, 14336, 128), (128, 14336, 4096, 128),
+                                            (37, 576, 1536, 64), (100, 256, 128, 32), (300, 2048, 6144, 128),
+                                            (64, 4096, 1024, 64)])
+def test_awq_gemm(tm, dtype, m, k, n, group):
+    """The tensor-core W4A16 GEMM (odd row counts past its 64-row tiles, split-K on narrow
+    outputs, every group size it takes) against dequantize-then-matmul; and awq_linear routes
+    rows past awq_gemv's to it."""
+    x, args = _awq_case(m, k, n, group, dtype)
+    expected = ref.awq_linear(x, *args)
+    _awq_close(tm.awq_gemm(x, *args), expected)
+    _awq_close(tm.awq_linear(x, *args), expected)
+
+
+LORA_RTOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}  # the oracle rounds h and the delta too
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("parts, in_features, rank, with_rows", [([2048, 512, 512], 2048, 16, False),
+                                                                  ([8192, 8192], 2048, 8, True),
+                                                                  ([4096], 14336, 16, False),
+                                                                  ([40, 24, 24], 48, 4, True)])
+def test_lora_gather_kernels(tm, dtype, parts, in_features, rank, with_rows):
+    """lora.cu's shrink/expand (each token reads its own slot) against lora.ops.add_lora (every
+    slot, masked by the one-hot): mixed slots and base tokens, ranks under the step's bucket,
+    eager steps' row subsets and graph steps' all-rows form."""
+    from lora.ops import LoRAMetadata, LoRAStack, add_lora
+
+    g = torch.Generator("cuda").manual_seed(SEED + sum(parts) + rank)
+    num_slots, tokens = 6, 37
+    stack = LoRAStack(parts, in_features, 16, num_slots, dtype, "cuda")
+    for slot in range(num_slots - 1):  # the last slot stays empty
+        r = 1 + (slot * 5) % rank
+        for p, width in enumerate(parts):
+            a = torch.randn(r, in_features, device="cuda", generator=g) * in_features ** -0.5
+            stack.set(slot, p, a.to(dtype), (0.1 * torch.randn(r, width, device="cuda", generator=g)).to(dtype))
+    x = torch.randn(tokens, in_features, device="cuda", generator=g).to(dtype)
+    y = torch.randn(tokens, sum(parts), device="cuda", generator=g).to(dtype)
+    slots = torch.randint(-1, num_slots, (tokens,), device="cuda", generator=g)
+    rows = None
+    if with_rows:  # eager: only the adapter tokens' rows are computed
+        rows = torch.nonzero(slots >= 0).flatten()
+        slots = slots[rows]
+    onehot = (slots[:, None] == torch.arange(num_slots, device="cuda")[None, :]).to(dtype)
+    meta = LoRAMetadata(rank, onehot, rows, slots)
+    expected = add_lora(y.clone(), x, stack, meta)
+    got = tm.add_lora(y.clone(), x, stack, meta)
+    err = (got.float() - expected.float()).abs().max().item()
+    assert err <= LORA_RTOL[dtype] * max(1.0, expected.float().abs().max().item()), (err, dtype)
 
 
 # -- end to end ----------------------------------------------------------------------------------

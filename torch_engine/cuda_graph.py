@@ -130,7 +130,8 @@ class DecodeGraphs:
             prefill_query_pos=empty.view(0, 0),
             prefill_unpad_index=empty,
         )
-        lora = LoRAMetadata(rank, self.runner.lora_onehot(self.lora_slots[:bp])) if rank else None
+        slots = self.lora_slots[:bp]
+        lora = LoRAMetadata(rank, self.runner.lora_onehot(slots), slots=slots) if rank else None
         model = self.runner.model
         with self.runner.ops.attention_backends(self.runner.device):  # the graph keeps the kernel chosen here
             hidden = model(self.token_ids[:bp], self.positions[:bp], self.runner.kv_caches, meta, lora)

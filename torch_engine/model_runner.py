@@ -141,4 +141,4 @@ class ModelRunner:
         if lora is None:
             return None
         slots = lora.token_slots if lora.adapter_rows is None else lora.token_slots.index_select(0, lora.adapter_rows)
-        return LoRAMetadata(self.lora_rank_bucket(lora.rank), self.lora_onehot(slots), lora.adapter_rows)
+        return LoRAMetadata(self.lora_rank_bucket(lora.rank), self.lora_onehot(slots), lora.adapter_rows, slots)

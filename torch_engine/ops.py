@@ -6,6 +6,7 @@ turbomind kernels are tested against. The arithmetic follows transformers' Llama
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -51,13 +52,14 @@ def awq_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
 
 
 def add_bias_and_lora(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, lora: LoRAStack | None,
-                      lora_meta: LoRAMetadata | None) -> torch.Tensor:
+                      lora_meta: LoRAMetadata | None, delta: Callable = add_lora) -> torch.Tensor:
     """y [T, out] = x @ W^T from any GEMM, plus the bias and each token's adapter delta (when the
-    step has adapter tokens: `lora_meta.rank > 0`)."""
+    step has adapter tokens: `lora_meta.rank > 0`) by `delta` (lora.ops.add_lora's signature:
+    turbomind passes its kernels)."""
     if bias is not None:
         y = y + bias
     if lora is not None and lora_meta is not None and lora_meta.rank:
-        y = add_lora(y, x, lora, lora_meta)
+        y = delta(y, x, lora, lora_meta)
     return y
 
 

@@ -30,6 +30,8 @@ INSTANTIATIONS: dict[str, tuple[str, ...]] = {
     + tuple(f"decode_attention_reduce<{t}>" for t in CTYPES.values()),
     "awq_gemv.cu": tuple(f"awq_gemv<{t}>" for t in CTYPES.values())
     + tuple(f"awq_gemv_reduce<{t}>" for t in CTYPES.values()),
+    "awq_gemm.cu": ("awq_gemm<__half>", "awq_gemm<__nv_bfloat16>"),  # tensor cores: 16-bit only
+    "lora.cu": tuple(f"lora_{k}<{t}>" for k in ("shrink", "expand") for t in CTYPES.values()),
     "prefill_attention.cu": tuple(f"prefill_attention<{t}, {d}>" for t in CTYPES.values() for d in HEAD_DIMS),
 }
 

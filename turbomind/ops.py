@@ -1,8 +1,9 @@
 """turbomind's ops: torch_engine.ops' interface, with the non-GEMM ops as CUDA kernels of
 turbomind/kernels (compiled through NVRTC, launched on torch's current stream, so CUDA graphs
 capture them). Each launcher checks shapes, dtypes and strides before it launches; the same op
-in torch_engine.ops is its oracle (tests/test_gpu_turbomind.py). GEMMs (dense, AWQ dequantized,
-LoRA) and the embedding stay on cuBLAS / torch.
+in torch_engine.ops is its oracle (tests/test_gpu_turbomind.py). Dense GEMMs and the embedding
+stay on cuBLAS / torch; AWQ linears have W4A16 kernels (awq_gemv, awq_gemm); LoRA deltas gather
+each token's own adapter (lora.cu).
 """
 
 from __future__ import annotations
@@ -11,21 +12,29 @@ import contextlib
 import functools
 
 import torch
+import torch.nn.functional as F
 
 from lora.ops import LoRAMetadata, LoRAStack
+from lora.ops import add_lora as torch_add_lora
 from torch_engine import ops as torch_ops
 from torch_engine.attention_metadata import AttentionMetadata
-from torch_engine.ops import embedding, linear  # noqa: F401  (GEMMs: cuBLAS through torch)
+from torch_engine.ops import embedding  # noqa: F401  (the embedding gather stays torch's)
 from turbomind.launch import CTYPES, HEAD_DIMS, HEADS_PER_CTA, NULL, device_index, i64, launch
 
-__all__ = ["attention", "attention_backends", "awq_linear", "embedding", "linear", "rms_norm", "rotary_write_kv",
-           "silu_and_mul"]
+__all__ = ["add_lora", "attention", "attention_backends", "awq_linear", "embedding", "linear", "rms_norm",
+           "rotary_write_kv", "silu_and_mul"]
 
 DECODE_THREADS = 128  # decode_attention.cu's block (4 warps)
 PREFILL_QUERIES = 32  # prefill_attention.cu's QT
 MIN_SPLIT_TOKENS = 256  # split-K: no split of the context shorter than this
 AWQ_GEMV_MAX_ROWS = 8  # awq_gemv.cu's MMAX: more rows go to dequantize + cuBLAS
 AWQ_KS = 8  # awq_gemv.cu's KS: thread rows per CTA, each over its own inputs
+LORA_SHRINK_WARPS = 8  # lora.cu's SHRINK_WARPS
+LORA_EXPAND_COLUMNS = 512  # lora.cu: EXPAND_THREADS x 2 columns per CTA
+LORA_MAX_RANK_PARTS = 768  # lora.cu's MAX_RANK_PARTS
+AWQ_GEMM_TILE = (64, 128, 32)  # awq_gemm.cu's BM, BN, BK
+AWQ_GEMM_MAX_ROWS = 512  # more rows go to dequantize + cuBLAS (bench/awq_gemm.py measures the crossover)
+AWQ_GEMM_MIN_TILES = 8  # split-K: each split sums at least this many BK tiles
 
 
 def attention_backends(device: torch.device) -> contextlib.AbstractContextManager:
@@ -198,6 +207,46 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
     return out
 
 
+def _lora_kernels_take(y: torch.Tensor, x: torch.Tensor, stack: LoRAStack, meta: LoRAMetadata) -> bool:
+    """lora.cu's rules: slots given, at most 3 parts starting at even columns, r * P in shared
+    memory, 16-byte rows of x; else the torch oracle runs (same result, more FLOPs)."""
+    vec = 16 // x.element_size()
+    return (meta.slots is not None and len(stack.parts) <= 3 and all(o % 2 == 0 for o in stack.offsets)
+            and y.shape[1] % 2 == 0 and meta.rank * len(stack.parts) <= LORA_MAX_RANK_PARTS
+            and x.shape[1] % vec == 0 and x.stride(1) == 1 and x.stride(0) % vec == 0 and x.data_ptr() % 16 == 0
+            and y.stride(1) == 1 and x.dtype == y.dtype == stack.a.dtype)
+
+
+def add_lora(y: torch.Tensor, x: torch.Tensor, stack: LoRAStack, meta: LoRAMetadata) -> torch.Tensor:
+    """lora.ops.add_lora with lora.cu's gather kernels: each token reads only its own slot's
+    ranks [0, meta.rank) (the oracle multiplies every slot's). y [T, out] gets the deltas in place."""
+    if not _lora_kernels_take(y, x, stack, meta):
+        return torch_add_lora(y, x, stack, meta)
+    t = _dtype(y, x, stack.a, stack.b)
+    slots = meta.slots
+    n, r, parts = slots.shape[0], meta.rank, len(stack.parts)
+    _check(slots.dtype == torch.int64 and slots.is_contiguous(), "LoRA slots must be contiguous int64")
+    rows = meta.rows if meta.rows is not None else NULL
+    _check(meta.rows is None or (meta.rows.dtype == torch.int64 and meta.rows.shape == (n,)),
+           f"LoRA rows must be int64 [{n}]")
+    if n == 0:
+        return y
+    h = torch.empty(n, r * parts, dtype=torch.float32, device=y.device)  # every token's down-projection
+    num_slots, in_features, out = stack.a.shape[1], x.shape[1], y.shape[1]
+    launch("lora.cu", f"lora_shrink<{t}>", y.device, (n, -(-r * parts // LORA_SHRINK_WARPS)),
+           (32 * LORA_SHRINK_WARPS,), (h, x, stack.a, slots, rows, r, num_slots, parts, in_features, i64(x.stride(0))))
+    starts = [*stack.offsets[1:], out, out][:2]  # parts 1 and 2 begin here (`out`: no such part)
+    launch("lora.cu", f"lora_expand<{t}>", y.device, (n, -(-out // LORA_EXPAND_COLUMNS)), (LORA_EXPAND_COLUMNS // 2,),
+           (y, h, stack.b, slots, rows, r, num_slots, parts, out, *starts, i64(y.stride(0))))
+    return y
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           lora: LoRAStack | None = None, lora_meta: LoRAMetadata | None = None) -> torch.Tensor:
+    """torch_engine.ops.linear: cuBLAS through torch, then the deltas by lora.cu's kernels."""
+    return torch_ops.add_bias_and_lora(F.linear(x, weight, bias), x, None, lora, lora_meta, add_lora)
+
+
 def _awq_per_thread(in_features: int, group_size: int) -> int:
     """Inputs each awq_gemv thread sums: a divisor of the group (one scale), at most 32, with
     KS of them tiling the input dim."""
@@ -207,13 +256,12 @@ def _awq_per_thread(in_features: int, group_size: int) -> int:
     raise ValueError(f"turbomind: in_features={in_features} is not a multiple of {AWQ_KS}")
 
 
-def awq_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-             group_size: int) -> torch.Tensor:
-    """x: [M <= 8, in] -> [M, out]: the W4A16 kernel over AutoAWQ's packed tensors."""
-    m, in_features = x.shape
-    out_features = scales.shape[1]
+def _check_awq(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+               group_size: int) -> str:
+    """AutoAWQ's GEMM layout for x [M, in]: qweight [in, out / 8], qzeros [in / g, out / 8] int32,
+    scales [in / g, out] half, all contiguous -> x's C type."""
+    in_features, out_features = x.shape[1], scales.shape[1]
     t = _dtype(x)
-    _check(m <= AWQ_GEMV_MAX_ROWS, f"awq_gemv takes at most {AWQ_GEMV_MAX_ROWS} rows, got {m}")
     _check(qweight.dtype == qzeros.dtype == torch.int32 and scales.dtype == torch.float16
            and qweight.shape == (in_features, out_features // 8) and out_features % 8 == 0
            and qzeros.shape == (in_features // group_size, out_features // 8)
@@ -221,6 +269,16 @@ def awq_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scale
            and all(p.is_contiguous() for p in (qweight, qzeros, scales)),
            f"AWQ tensors qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)}, scales {tuple(scales.shape)} "
            f"do not match in={in_features}, group_size={group_size} in AutoAWQ's GEMM layout")
+    return t
+
+
+def awq_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+             group_size: int) -> torch.Tensor:
+    """x: [M <= 8, in] -> [M, out]: the W4A16 kernel over AutoAWQ's packed tensors."""
+    m, in_features = x.shape
+    out_features = scales.shape[1]
+    t = _check_awq(x, qweight, qzeros, scales, group_size)
+    _check(m <= AWQ_GEMV_MAX_ROWS, f"awq_gemv takes at most {AWQ_GEMV_MAX_ROWS} rows, got {m}")
     x = x.contiguous()
     pt = _awq_per_thread(in_features, group_size)
     splits = in_features // (AWQ_KS * pt)
@@ -233,11 +291,58 @@ def awq_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scale
     return y
 
 
+def awq_gemm_supported(x: torch.Tensor, out_features: int, group_size: int) -> bool:
+    """awq_gemm.cu's shape rules: 16-bit x, N % BN == 0, K and the group multiples of BK."""
+    _, bn, bk = AWQ_GEMM_TILE
+    return (x.dtype in (torch.float16, torch.bfloat16) and out_features % bn == 0 and x.shape[1] % bk == 0
+            and group_size % bk == 0)
+
+
+def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+             group_size: int) -> torch.Tensor:
+    """x: [M, in] fp16 / bf16 -> [M, out]: the tensor-core W4A16 kernel over AutoAWQ's packed
+    tensors (prefill, batches past awq_gemv's rows); split over the inputs when the output tiles
+    alone would leave SMs idle."""
+    m, in_features = x.shape
+    out_features = scales.shape[1]
+    t = _check_awq(x, qweight, qzeros, scales, group_size)
+    _check(awq_gemm_supported(x, out_features, group_size), f"awq_gemm needs fp16/bf16 x, out % "
+           f"{AWQ_GEMM_TILE[1]} == 0, in and group_size % {AWQ_GEMM_TILE[2]} == 0: got {x.dtype}, out={out_features}, "
+           f"in={in_features}, group_size={group_size}")
+    x = x.contiguous()
+    if x.data_ptr() % 16:
+        x = x.clone()  # a fresh allocation: 16-byte aligned, as cp.async needs
+    _check(all(p.data_ptr() % 16 == 0 for p in (qweight, qzeros, scales)), "AWQ tensors must be 16-byte aligned")
+    bm, bn, bk = AWQ_GEMM_TILE
+    ctas = (out_features // bn) * -(-m // bm)
+    tiles = in_features // bk
+    sms = _num_sms(device_index(x.device))
+    splits = 1 if ctas >= sms else max(1, min(-(-2 * sms // ctas), tiles // AWQ_GEMM_MIN_TILES))
+    k_split = -(-tiles // splits) * bk
+    splits = -(-in_features // k_split)  # no empty split
+    y = torch.empty(m, out_features, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
+    ws = torch.empty(splits, m, out_features, dtype=torch.float32, device=x.device) if splits > 1 else NULL
+    launch("awq_gemm.cu", f"awq_gemm<{t}>", x.device, (out_features // bn, -(-m // bm), splits), (256,),
+           (y, ws, x, qweight, qzeros, scales, m, in_features, out_features, group_size, k_split))
+    if splits > 1:
+        n = m * out_features
+        launch("awq_gemv.cu", f"awq_gemv_reduce<{t}>", x.device, (-(-n // 256),), (256,), (y, ws, splits, i64(n)))
+    return y
+
+
 def awq_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
                bias: torch.Tensor | None = None, lora: LoRAStack | None = None,
                lora_meta: LoRAMetadata | None = None) -> torch.Tensor:
-    """torch_engine.ops.awq_linear: the W4A16 kernel for up to 8 rows (decode), else the weight
-    dequantized and cuBLAS (prefill, large batches)."""
-    if x.shape[0] > AWQ_GEMV_MAX_ROWS or x.shape[0] == 0:
-        return torch_ops.awq_linear(x, qweight, qzeros, scales, group_size, bias, lora, lora_meta)
-    return torch_ops.add_bias_and_lora(awq_gemv(x, qweight, qzeros, scales, group_size), x, bias, lora, lora_meta)
+    """torch_engine.ops.awq_linear: awq_gemv for up to 8 rows (decode), awq_gemm up to
+    AWQ_GEMM_MAX_ROWS (large decode batches, short prefills), else the weight dequantized and
+    cuBLAS (long prefills are compute-bound, where cuBLAS' GEMM beats awq_gemm's mma.sync tiles)."""
+    m = x.shape[0]
+    if 0 < m <= AWQ_GEMV_MAX_ROWS:
+        y = awq_gemv(x, qweight, qzeros, scales, group_size)
+    elif AWQ_GEMV_MAX_ROWS < m <= AWQ_GEMM_MAX_ROWS and awq_gemm_supported(x, scales.shape[1], group_size):
+        y = awq_gemm(x, qweight, qzeros, scales, group_size)
+    else:
+        y = torch_ops.awq_linear(x, qweight, qzeros, scales, group_size)
+    return torch_ops.add_bias_and_lora(y, x, bias, lora, lora_meta, add_lora)

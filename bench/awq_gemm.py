@@ -1,0 +1,114 @@
+"""turbomind's W4A16 kernels against the bf16 GEMM they replace, on the GPU: the four linears of a
+Llama-3-8B decoder layer (qkv 4096->6144, o 4096->4096, gate_up 4096->28672, down 14336->4096),
+random AutoAWQ weights (group 128), over row counts from decode batches to a prefill.
+
+For each row count M it times, with CUDA events, one pass over the layer's four linears:
+- bf16: `torch_engine.ops.linear` (cuBLAS) on [out, in] bf16 weights;
+- awq: `turbomind.ops.awq_linear` as the engine calls it (awq_gemv up to 8 rows, awq_gemm up to
+  AWQ_GEMM_MAX_ROWS, else dequantize + cuBLAS);
+- awq_gemm: the tensor-core kernel alone (M > 8), and dequant: dequantize + cuBLAS alone;
+and reports each as a ratio of bf16's time (the issue's goal: awq_gemm within 1.3x of bf16 at
+M = 128). Every variant cycles through enough weight copies to overflow the L2 cache, so no
+variant is timed on weights that stay on chip.
+
+    python bench/awq_gemm.py --json bench/results/awq_gemm_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import _paths  # noqa: F401  (first: see its docstring)
+import torch
+from tqdm.auto import tqdm
+
+from quant_tools.awq_format import pack
+from torch_engine import ops as torch_ops
+from turbomind import ops as tm
+
+LAYER = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}  # (in, out)
+GROUP = 128
+L2_OVERFLOW_BYTES = 512 << 20  # each variant's weight copies together exceed any L2 by far
+
+
+def _copies(bytes_per_copy: int) -> int:
+    return max(2, -(-L2_OVERFLOW_BYTES // bytes_per_copy))
+
+
+def make_weights(dtype: torch.dtype) -> tuple[list[dict], list[dict]]:
+    """(dense copies, awq copies): each copy {name: weight} over LAYER."""
+    dense_bytes = sum(i * o * 2 for i, o in LAYER.values())
+    awq_bytes = sum(i * o // 2 + (i // GROUP) * o * 2 for i, o in LAYER.values())
+    g = torch.Generator("cuda").manual_seed(0)
+    base = {}
+    for name, (i, o) in LAYER.items():
+        q = torch.randint(0, 16, (i, o), device="cuda", generator=g)
+        z = torch.randint(0, 16, (i // GROUP, o), device="cuda", generator=g)
+        s = (0.01 + 0.02 * torch.rand(i // GROUP, o, device="cuda", generator=g)).half()
+        base[name] = (pack(q), pack(z), s)
+    awq = [{n: tuple(t.clone() for t in w) for n, w in base.items()} for _ in range(_copies(awq_bytes))]
+    dense = [{n: (0.02 * torch.randn(o, i, device="cuda", generator=g)).to(dtype) for n, (i, o) in LAYER.items()}
+             for _ in range(_copies(dense_bytes))]
+    return dense, awq
+
+
+def time_variant(fn, copies: list[dict], xs: dict[int, torch.Tensor], iters: int) -> float:
+    """Mean seconds of one pass over the layer's linears, cycling through the weight copies."""
+    def one_pass(step: int) -> None:
+        w = copies[step % len(copies)]
+        for name, (i, _) in LAYER.items():
+            fn(xs[i], w[name])
+
+    for s in range(len(copies)):  # warm-up: compile, autotune, touch every copy once
+        one_pass(s)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for s in range(iters):
+        one_pass(s)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / iters
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048])
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    dtype = torch.bfloat16
+    t0 = time.perf_counter()
+    dense, awq = make_weights(dtype)
+    variants = {
+        "bf16": (lambda x, w: torch_ops.linear(x, w), dense),
+        "awq": (lambda x, w: tm.awq_linear(x, *w, GROUP), awq),
+        "awq_gemm": (lambda x, w: tm.awq_gemm(x, *w, GROUP), awq),
+        "dequant": (lambda x, w: torch_ops.awq_linear(x, *w, GROUP), awq),
+    }
+    rows = []
+    for m in tqdm(args.rows, desc="row counts"):
+        xs = {i: torch.randn(m, i, device="cuda").to(dtype) for i in {i for i, _ in LAYER.values()}}
+        row = {"rows": m}
+        for name, (fn, copies) in variants.items():
+            if name == "awq_gemm" and m <= tm.AWQ_GEMV_MAX_ROWS:
+                continue
+            row[f"{name}_us"] = round(time_variant(fn, copies, xs, args.iters) * 1e6, 1)
+        for name in variants:
+            if f"{name}_us" in row and name != "bf16":
+                row[f"{name}_over_bf16"] = round(row[f"{name}_us"] / row["bf16_us"], 3)
+        rows.append(row)
+        tqdm.write(json.dumps(row))
+    result = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "layer": LAYER,
+              "group_size": GROUP, "dtype": str(dtype), "gemm_max_rows": tm.AWQ_GEMM_MAX_ROWS, "rows": rows,
+              "seconds": round(time.perf_counter() - t0, 1)}
+    print(json.dumps(result, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
