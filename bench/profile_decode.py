@@ -1,5 +1,6 @@
-"""Where a decode step's time goes: a `torch.profiler` trace of torch_engine decode steps at
-several batch sizes, with and without CUDA graphs (issue 16's "profile before optimizing").
+"""Where a decode step's time goes: a `torch.profiler` trace of decode steps of each engine
+(torch_engine, turbomind) at several batch sizes, with CUDA graphs (and, with --eager, without:
+issue 16's "profile before optimizing").
 
     python bench/profile_decode.py --random-1b --batch-sizes 1 128 --json out.json --tables out.txt
 
@@ -69,6 +70,8 @@ def main() -> None:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 128])
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--backends", nargs="+", default=["pytorch", "turbomind"], choices=["pytorch", "turbomind"])
+    ap.add_argument("--eager", action="store_true", help="also profile without CUDA graphs")
     ap.add_argument("--json", default=None)
     ap.add_argument("--tables", default=None, help="write the profiler's top-kernel tables here")
     args = ap.parse_args()
@@ -80,22 +83,23 @@ def main() -> None:
     else:
         folder = resolve_model(args.model)
     rows, tables = [], []
-    for graphs in (True, False):
-        llm = LLM(folder, device="cuda", dtype="bfloat16", max_num_seqs=max(args.batch_sizes),
-                  max_model_len=args.input_len + 512, enable_cuda_graph=graphs)
-        vocab = llm.engine.config.model.vocab_size
-        for b in tqdm(args.batch_sizes, desc=f"cuda graphs {'on' if graphs else 'off'}"):
-            _decode_ready(llm, make_prompts(b, args.input_len, vocab, seed=b), warmup=5)
-            stats, table = _profile_steps(llm, args.steps)
-            for rid in list(llm.engine.requests):
-                llm.engine.abort(rid)
-            rows.append({"batch": b, "cuda_graphs": graphs, **stats})
-            tables.append(f"== batch {b}, CUDA graphs {'on' if graphs else 'off'}\n{table}")
-            print(f"batch {b:4d} graphs {'on ' if graphs else 'off'}: wall {stats['wall_ms_per_step']:.2f} ms, "
-                  f"GPU {stats['gpu_ms_per_step']:.2f} ms ({100 * stats['gpu_busy_share']:.0f}%), "
-                  f"{stats['kernels_per_step']:.0f} kernels/step")
-        del llm
-        torch.cuda.empty_cache()
+    for backend in args.backends:
+        for graphs in (True, False) if args.eager else (True,):
+            llm = LLM(folder, device="cuda", dtype="bfloat16", max_num_seqs=max(args.batch_sizes),
+                      max_model_len=args.input_len + 512, enable_cuda_graph=graphs, backend=backend)
+            vocab = llm.engine.config.model.vocab_size
+            for b in tqdm(args.batch_sizes, desc=f"{backend}, cuda graphs {'on' if graphs else 'off'}"):
+                _decode_ready(llm, make_prompts(b, args.input_len, vocab, seed=b), warmup=5)
+                stats, table = _profile_steps(llm, args.steps)
+                for rid in list(llm.engine.requests):
+                    llm.engine.abort(rid)
+                rows.append({"backend": backend, "batch": b, "cuda_graphs": graphs, **stats})
+                tables.append(f"== {backend}, batch {b}, CUDA graphs {'on' if graphs else 'off'}\n{table}")
+                print(f"{backend:9s} batch {b:4d} graphs {'on ' if graphs else 'off'}: wall "
+                      f"{stats['wall_ms_per_step']:.2f} ms, GPU {stats['gpu_ms_per_step']:.2f} ms "
+                      f"({100 * stats['gpu_busy_share']:.0f}%), {stats['kernels_per_step']:.0f} kernels/step")
+            del llm
+            torch.cuda.empty_cache()
     shutil.rmtree(tmp, ignore_errors=True)
     result = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
               "model": "random Llama-3.2-1B shape" if args.random_1b else folder, "rows": rows}
