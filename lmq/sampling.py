@@ -254,7 +254,7 @@ def step_seed(seed: int, offset: int) -> int:
     """The seed of one draw: a request's seed (+ its sample index) and the step offset (tokens
     it has sampled so far), mixed into 64 bits. Draws depend on nothing else, so a seeded
     sequence's tokens do not depend on the batch, its order, chunking or preemption, and no
-    generator lives with the sequence (a kernel can draw from Philox(seed, offset) the same way)."""
+    generator lives with the sequence (`counter_exponentials` draws from it, batched)."""
     return ((seed * 0x9E3779B97F4A7C15) ^ (offset * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB)) % 2**64
 
 
@@ -267,7 +267,7 @@ class SamplerRow:
     output_token_ids: list[int]
     generator: torch.Generator | None = None  # an explicit generator for this row's draw (tests)
     banned: list[int] = field(default_factory=list)  # token ids masked this step (see banned_token_ids)
-    seed: int | None = None  # step_seed(...) of a seeded request: the draw uses a generator seeded by it
+    seed: int | None = None  # step_seed(...) of a seeded request: its draw's key (counter_exponentials)
 
 
 @dataclass
@@ -353,22 +353,65 @@ def _mask_top_k_top_p_min_p(logits: torch.Tensor, rows: list[SamplerRow]) -> tor
     return logits
 
 
+_GOLDEN = 0x9E3779B97F4A7C15  # splitmix64's state increment
+# Elements per pass of counter_exponentials: on a CPU, passes that stay in cache (2 MB of int64
+# temporaries: 3.4x faster than a generator per row for 128 x 49,152 draws, 9x faster than one
+# pass over all); on a GPU, few launches (32 MB temporaries).
+_COUNTER_CHUNK = {"cpu": 1 << 18, "cuda": 1 << 22}
+
+
+def _i64(u: int) -> int:
+    """An unsigned 64-bit value as the int64 with the same bits."""
+    return u - (1 << 64) if u >= 1 << 63 else u
+
+
+def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 bits (torch's >> on int64 is arithmetic)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's output function over int64 tensors (products wrap modulo 2^64, as in C)."""
+    x = (x ^ _shr(x, 30)) * _i64(0xBF58476D1CE4E5B9)
+    x = (x ^ _shr(x, 27)) * _i64(0x94D049BB133111EB)
+    return x ^ _shr(x, 31)
+
+
+def counter_exponentials(keys: torch.Tensor, vocab: int) -> torch.Tensor:
+    """keys: [R] int64 (a seeded draw's `step_seed`) -> q [R, V] float32 ~ Exp(1): q[r, v] =
+    -log(u), u from the v-th output of splitmix64 started at keys[r] (24 bits, centred in its
+    cell, so u is in (0, 1)). A function of (key, v) alone: the same on any device, in any batch,
+    and for a kernel that draws them one by one; no generator is made or kept."""
+    out = torch.empty(keys.shape[0], vocab, dtype=torch.float32, device=keys.device)
+    steps = torch.arange(1, vocab + 1, dtype=torch.int64, device=keys.device) * _i64(_GOLDEN)  # [V]
+    rows = max(1, _COUNTER_CHUNK.get(keys.device.type, 1 << 22) // max(vocab, 1))
+    for lo in range(0, keys.shape[0], rows):
+        x = _mix64(keys[lo:lo + rows, None] + steps[None, :])  # [r, V]
+        u = (_shr(x, 40).float() + 0.5) * 2.0 ** -24
+        out[lo:lo + rows] = -torch.log(u)
+    return out
+
+
 def _random_sample(logits: torch.Tensor, rows: list[SamplerRow], generator: torch.Generator | None) -> torch.Tensor:
     """Exponential-race sampling: argmax(p / q), q ~ Exp(1), equals a draw from p. Seeded rows
-    draw q from a generator of their own (`SamplerRow.generator`, or one made from
-    `SamplerRow.seed` for this draw), so their tokens do not depend on the rest of the batch; the
-    others from `generator` (the engine's, seeded by its `seed`; None: torch's default)."""
+    draw q from their `SamplerRow.seed` by a counter-based generator (`counter_exponentials`:
+    one batched op for all of them), or from an explicit `SamplerRow.generator`, so their
+    tokens do not depend on the rest of the batch; the others from `generator` (the engine's,
+    seeded by its `seed`; None: torch's default)."""
     probs = logits.softmax(-1)
     q = torch.empty_like(probs)
+    dev = probs.device
     unseeded = [i for i, r in enumerate(rows) if r.generator is None and r.seed is None]
     if unseeded:
-        index = to_device(unseeded, probs.device)
+        index = to_device(unseeded, dev)
         q[index] = torch.empty_like(probs[index]).exponential_(generator=generator)
+    seeded = [i for i, r in enumerate(rows) if r.generator is None and r.seed is not None]
+    if seeded:
+        keys = to_device([_i64(rows[i].seed) for i in seeded], dev)
+        q[to_device(seeded, dev)] = counter_exponentials(keys, probs.shape[1])
     for i, r in enumerate(rows):
         if r.generator is not None:
             q[i].exponential_(generator=r.generator)
-        elif r.seed is not None:
-            q[i].exponential_(generator=torch.Generator(device=probs.device).manual_seed(r.seed))
     return (probs / q).argmax(-1)
 
 

@@ -3,6 +3,7 @@ transformers references, and end to end on a tiny Llama: seeds, n > 1, stops, le
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import replace
 
@@ -11,7 +12,7 @@ import torch
 
 from conftest import SEED, random_prompts
 from lmq import LLM, SamplingParams
-from lmq.sampling import Sampler, SamplerRow, apply_penalties
+from lmq.sampling import Sampler, SamplerRow, apply_penalties, counter_exponentials, step_seed
 
 N_DRAWS = 40_000  # frequency std <= 0.0025, so 0.02 is > 8 sigma
 
@@ -21,14 +22,20 @@ def _logits(rows: int, vocab: int, seed: int, scale: float = 2.0) -> torch.Tenso
 
 
 def _sample(logits: torch.Tensor, params: SamplingParams, prompt: list[int] | None = None,
-            outs: list[list[int]] | None = None, seeds: list[int] | None = None) -> list[int]:
+            outs: list[list[int]] | None = None, seeds: list[int] | None = None,
+            keys: list[int] | None = None) -> list[int]:
+    """seeds: an explicit torch.Generator per row; keys: the engine's form, a step_seed per row."""
     rows = [SamplerRow(params, prompt or [1], outs[i] if outs else [],
-                       torch.Generator().manual_seed(seeds[i]) if seeds else None) for i in range(len(logits))]
+                       torch.Generator().manual_seed(seeds[i]) if seeds else None,
+                       seed=keys[i] if keys else None) for i in range(len(logits))]
     return Sampler()(logits.clone(), rows).token_ids
 
 
-def _freqs(row: torch.Tensor, params: SamplingParams, seeded: bool = False) -> torch.Tensor:
-    toks = _sample(row.expand(N_DRAWS, -1), params, seeds=list(range(N_DRAWS)) if seeded else None)
+def _freqs(row: torch.Tensor, params: SamplingParams, seeded: str | None = None) -> torch.Tensor:
+    """seeded: None (the engine's generator), "generator" (one per row) or "key" (step_seed keys)."""
+    draws = list(range(N_DRAWS))
+    toks = _sample(row.expand(N_DRAWS, -1), params, seeds=draws if seeded == "generator" else None,
+                   keys=[step_seed(SEED, i) for i in draws] if seeded == "key" else None)
     return torch.bincount(torch.tensor(toks), minlength=row.numel()).double() / N_DRAWS
 
 
@@ -94,7 +101,7 @@ def test_degenerate_filters_equal_greedy(params):
 @pytest.mark.parametrize(("temp", "top_k", "top_p", "min_p"),
                          [(1.0, -1, 1.0, 0.0), (0.7, -1, 1.0, 0.0), (1.0, 5, 1.0, 0.0), (0.8, 3, 1.0, 0.0),
                           (1.0, -1, 0.6, 0.0), (1.5, -1, 0.8, 0.0), (1.0, -1, 1.0, 0.2)])
-@pytest.mark.parametrize("seeded", [False, True])
+@pytest.mark.parametrize("seeded", [None, "generator", "key"])
 def test_samples_follow_filtered_softmax(temp, top_k, top_p, min_p, seeded):
     row = _logits(1, 32, seed=3, scale=1.5)[0]
     ref = _reference(row, temp, top_k, top_p, min_p)
@@ -119,6 +126,37 @@ def test_seeded_row_ignores_the_rest_of_the_batch():
                                                                              torch.Generator().manual_seed(99))]
     in_batch = Sampler()(torch.cat([logits[1:], logits[:1]]), rows).token_ids[-1]
     assert alone[0] == alone[1] == [in_batch]
+    # the engine's form: a step_seed key, drawn with the other keyed rows in one batched op
+    key = step_seed(99, 3)
+    alone = [_sample(logits[:1], SamplingParams(), keys=[key]) for _ in range(2)]
+    rows = [SamplerRow(mixed, [1], [], None, seed=step_seed(i, 3)) for i in range(7)]
+    rows.append(SamplerRow(SamplingParams(), [1], [], None, seed=key))
+    in_batch = Sampler()(torch.cat([logits[1:], logits[:1]]), rows).token_ids[-1]
+    assert alone[0] == alone[1] == [in_batch]
+
+
+def _splitmix64(state: int, i: int) -> int:
+    """The i-th output (from 1) of splitmix64 started at `state`, in Python's unbounded ints:
+    the reference for the wrapping int64 tensor arithmetic of counter_exponentials."""
+    m = (1 << 64) - 1
+    z = (state + i * 0x9E3779B97F4A7C15) & m
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    return z ^ (z >> 31)
+
+
+def test_counter_exponentials_are_splitmix64_and_exp1():
+    keys = [step_seed(SEED + k, k) for k in range(6)] + [0, 2**64 - 1]
+    signed = torch.tensor([k - 2**64 if k >= 2**63 else k for k in keys])
+    q = counter_exponentials(signed, 4000).double()
+    for r, key in enumerate(keys):
+        for v in (0, 1, 1234, 3999):
+            u = ((_splitmix64(key, v + 1) >> 40) + 0.5) * 2.0**-24
+            assert q[r, v].item() == pytest.approx(-math.log(u), rel=1e-6), (r, v)
+    # Exp(1): mean 1, variance 1, P(q > 1) = 1/e (32,000 draws: std 0.0056, 0.011, 0.0026)
+    assert abs(q.mean().item() - 1) < 0.03 and abs(q.var().item() - 1) < 0.06
+    assert abs((q > 1).double().mean().item() - math.exp(-1)) < 0.015
+    assert torch.equal(counter_exponentials(signed[2:5], 4000), q[2:5].float())  # rows do not interact
 
 
 @pytest.mark.parametrize("penalty", [0.5, 1.3, 2.0])
