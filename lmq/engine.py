@@ -132,7 +132,7 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.detokenizer = Detokenizer(tokenizer)
         self.sampler = Sampler(torch.Generator(device=self.runner.device).manual_seed(config.seed),
-                               tokenizer.token_texts)
+                               tokenizer.token_texts, self.runner.sample_race)
         self.requests: dict[str, Request] = {}
         self.streaming: set[str] = set()
         self._seq_ids = itertools.count()

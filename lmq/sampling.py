@@ -248,6 +248,9 @@ class Logprob:
 
 
 TokenTexts = Callable[[list[int]], list[str]]
+# A backend's draw in one op: scaled, filtered float32 logits [R, V] and int64 keys [R] -> [R]
+# tokens, the race of counter_exponentials' draws (turbomind/kernels/sample.cu)
+Race = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def step_seed(seed: int, offset: int) -> int:
@@ -379,28 +382,37 @@ def _mix64(x: torch.Tensor) -> torch.Tensor:
 
 def counter_exponentials(keys: torch.Tensor, vocab: int) -> torch.Tensor:
     """keys: [R] int64 (a seeded draw's `step_seed`) -> q [R, V] float32 ~ Exp(1): q[r, v] =
-    -log(u), u from the v-th output of splitmix64 started at keys[r] (24 bits, centred in its
-    cell, so u is in (0, 1)). A function of (key, v) alone: the same on any device, in any batch,
+    -log(u), u from the v-th output of splitmix64 started at keys[r] (its top 23 bits, centred
+    in their cell, so u is in (0, 1)). A function of (key, v) alone: the same on any device, in any batch,
     and for a kernel that draws them one by one; no generator is made or kept."""
     out = torch.empty(keys.shape[0], vocab, dtype=torch.float32, device=keys.device)
     steps = torch.arange(1, vocab + 1, dtype=torch.int64, device=keys.device) * _i64(_GOLDEN)  # [V]
     rows = max(1, _COUNTER_CHUNK.get(keys.device.type, 1 << 22) // max(vocab, 1))
     for lo in range(0, keys.shape[0], rows):
         x = _mix64(keys[lo:lo + rows, None] + steps[None, :])  # [r, V]
-        u = (_shr(x, 40).float() + 0.5) * 2.0 ** -24
+        u = (_shr(x, 41).float() + 0.5) * 2.0 ** -23  # 23 bits: k + 0.5 is exact in float32
         out[lo:lo + rows] = -torch.log(u)
     return out
 
 
-def _random_sample(logits: torch.Tensor, rows: list[SamplerRow], generator: torch.Generator | None) -> torch.Tensor:
+def _random_sample(logits: torch.Tensor, rows: list[SamplerRow], generator: torch.Generator | None,
+                   race: Race | None = None) -> torch.Tensor:
     """Exponential-race sampling: argmax(p / q), q ~ Exp(1), equals a draw from p. Seeded rows
     draw q from their `SamplerRow.seed` by a counter-based generator (`counter_exponentials`:
     one batched op for all of them), or from an explicit `SamplerRow.generator`, so their
     tokens do not depend on the rest of the batch; the others from `generator` (the engine's,
-    seeded by its `seed`; None: torch's default)."""
+    seeded by its `seed`; None: torch's default). With a backend's `race` (same draws, one
+    kernel) every row is keyed: unseeded rows get keys drawn from `generator`."""
+    dev = logits.device
+    if race is not None and all(r.generator is None for r in rows):
+        keys = to_device([_i64(r.seed) if r.seed is not None else 0 for r in rows], dev)
+        unseeded = [i for i, r in enumerate(rows) if r.seed is None]
+        if unseeded:
+            keys[to_device(unseeded, dev)] = torch.randint(-2**63, 2**63 - 1, (len(unseeded),), generator=generator,
+                                                           dtype=torch.int64, device=dev)
+        return race(logits, keys)
     probs = logits.softmax(-1)
     q = torch.empty_like(probs)
-    dev = probs.device
     unseeded = [i for i, r in enumerate(rows) if r.generator is None and r.seed is None]
     if unseeded:
         index = to_device(unseeded, dev)
@@ -462,11 +474,13 @@ class SampledTokens:
 class Sampler:
     """Turns a step's logits [B, V] into one token per row. `generator`: draws of rows without
     a seed of their own (on the logits' device). `decode`: token ids -> texts, for the
-    logprobs' `decoded_token`."""
+    logprobs' `decoded_token`. `race`: the backend's one-op draw (`_random_sample`), if any."""
 
-    def __init__(self, generator: torch.Generator | None = None, decode: TokenTexts | None = None) -> None:
+    def __init__(self, generator: torch.Generator | None = None, decode: TokenTexts | None = None,
+                 race: Race | None = None) -> None:
         self.generator = generator
         self.decode = decode
+        self.race = race
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplerRow]) -> SamplerOutput:
         return self.launch(logits, rows).result()
@@ -485,7 +499,7 @@ class Sampler:
             index = to_device(rand, logits.device)
             temps = to_device([r.params.temperature for r in sub_rows], logits.device, torch.float32)[:, None]
             sub = _mask_top_k_top_p_min_p(logits[index] / temps, sub_rows)
-            tokens[index] = _random_sample(sub, sub_rows, self.generator)
+            tokens[index] = _random_sample(sub, sub_rows, self.generator, self.race)
         want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         if not want:
             return SampledTokens(tokens, want, None, None, [])

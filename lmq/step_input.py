@@ -16,6 +16,7 @@ slot_mapping) before attention reads them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -85,6 +86,10 @@ class ModelRunner(Protocol):
     """What a backend provides (lmq.backends builds it). It owns the model and the KV cache."""
 
     device: torch.device
+    # The sampler's draw as one device op where the backend has it (lmq.sampling.Sampler's
+    # `race`: scaled, filtered float32 logits [R, V] and int64 keys [R] -> tokens [R]); None:
+    # the sampler's torch ops.
+    sample_race: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
 
     def profile_num_blocks(self) -> int:
         """KV blocks that fit next to the model and a peak-size step."""

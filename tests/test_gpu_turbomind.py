@@ -234,6 +234,28 @@ def test_lora_gather_kernels(tm, dtype, parts, in_features, rank, with_rows):
     assert err <= LORA_RTOL[dtype] * max(1.0, expected.float().abs().max().item()), (err, dtype)
 
 
+@pytest.mark.parametrize("rows, vocab", [(1, 32000), (130, 128256), (64, 49152), (7, 100)])
+def test_sample_race_draws_as_the_torch_sampler(tm, rows, vocab):
+    """sample.cu against lmq.sampling's race on the same keys (counter_exponentials' draws):
+    the same token, except where two candidates' scores log p - log q tie within float32 rounding
+    (then the kernel's pick must score as high, in float64, to 1e-5)."""
+    from lmq import SamplingParams
+    from lmq.sampling import SamplerRow, _random_sample, counter_exponentials, step_seed
+
+    g = torch.Generator("cuda").manual_seed(SEED + rows)
+    logits = 3 * torch.randn(rows, vocab, device="cuda", generator=g)
+    logits[logits < -4] = float("-inf")  # filtered tokens (top-k / top-p / min-p) never win
+    keys = [step_seed(SEED + r, r) for r in range(rows)]
+    signed = torch.tensor([k - 2**64 if k >= 2**63 else k for k in keys], device="cuda")
+    expected = _random_sample(logits, [SamplerRow(SamplingParams(), [], [], seed=k) for k in keys], None)
+    got = tm.sample_race(logits, signed)
+    assert torch.isfinite(logits.gather(1, got[:, None])).all()
+    score = logits.double() - counter_exponentials(signed, vocab).double().log()  # [R, V]
+    gap = score.gather(1, expected[:, None]) - score.gather(1, got[:, None])
+    assert (gap.abs() <= 1e-5 * score.gather(1, expected[:, None]).abs().clamp(min=1)).all(), gap.abs().max()
+    assert (got == expected).float().mean() >= 0.99
+
+
 # -- end to end ----------------------------------------------------------------------------------
 WIDE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)  # head_dim 64
 

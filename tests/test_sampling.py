@@ -151,12 +151,30 @@ def test_counter_exponentials_are_splitmix64_and_exp1():
     q = counter_exponentials(signed, 4000).double()
     for r, key in enumerate(keys):
         for v in (0, 1, 1234, 3999):
-            u = ((_splitmix64(key, v + 1) >> 40) + 0.5) * 2.0**-24
+            u = ((_splitmix64(key, v + 1) >> 41) + 0.5) * 2.0**-23
             assert q[r, v].item() == pytest.approx(-math.log(u), rel=1e-6), (r, v)
     # Exp(1): mean 1, variance 1, P(q > 1) = 1/e (32,000 draws: std 0.0056, 0.011, 0.0026)
     assert abs(q.mean().item() - 1) < 0.03 and abs(q.var().item() - 1) < 0.06
     assert abs((q > 1).double().mean().item() - math.exp(-1)) < 0.015
     assert torch.equal(counter_exponentials(signed[2:5], 4000), q[2:5].float())  # rows do not interact
+
+
+def test_backend_race_gets_every_row_keyed():
+    """A backend's one-op draw (`Sampler(race=...)`, turbomind's sample.cu) gets each seeded
+    row's step_seed as its key, and keys drawn from the engine's generator for the others: here a
+    torch race in log space stands in for the kernel and must pick what the sampler's own path
+    picks for the seeded rows; unseeded rows repeat with the generator's seed."""
+    def race(logits: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        return (logits - counter_exponentials(keys, logits.shape[1]).log()).argmax(-1)
+
+    logits = _logits(64, 300, seed=9)
+    params = [SamplingParams(temperature=0.8, seed=i) if i % 2 else SamplingParams(temperature=0.8, top_k=20)
+              for i in range(64)]
+    rows = [SamplerRow(p, [1], [], seed=step_seed(p.seed, 0) if p.seed is not None else None) for p in params]
+    own = Sampler()(logits.clone(), rows).token_ids
+    runs = [Sampler(torch.Generator().manual_seed(5), race=race)(logits.clone(), rows).token_ids for _ in range(2)]
+    assert runs[0] == runs[1]
+    assert [t for i, t in enumerate(runs[0]) if i % 2] == [t for i, t in enumerate(own) if i % 2]
 
 
 @pytest.mark.parametrize("penalty", [0.5, 1.3, 2.0])

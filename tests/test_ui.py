@@ -239,12 +239,12 @@ def test_retry_undo_edit_and_system_prompt(server, new_page):
     first = chat.bot_texts()[-1]
     chat.set_number("seed", 7)
     chat.set_number("temperature", 1.5)
-    chat.click("retry")  # sampled with a seed: the API's answer to the same seeded request
-    chat.wait_status("completion tokens", "the retried answer")
     body = {"model": BASE, "messages": [{"role": "user", "content": prompt}], "temperature": 1.5, "seed": 7,
             "max_tokens": MAX_TOKENS, "top_p": 1.0}
     ref = httpx.post(server.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
                      timeout=60).json()["choices"][0]["message"]["content"]
+    chat.click("retry")  # sampled with a seed: the API's answer to the same seeded request
+    chat.wait_last_answer_alnum(ref, "the retried answer, the API's to the same seeded request")
     assert len(chat.user_texts()) == 1 and alnum(chat.bot_texts()[-1]) == alnum(ref)
     chat.set_number("temperature", 0)
     chat.set_number("seed", -1)

@@ -126,6 +126,20 @@ class ChatPage:
             raise AssertionError(f"not seen within {WAIT_MS / 1000:.0f}s: {what} (status line: "
                                  f"{self.status()!r})") from e
 
+    def wait_last_answer_alnum(self, expected: str, what: str) -> None:
+        """Waits until the last answer has ended with exactly `expected`'s ASCII letters and
+        digits (`alnum`): a retried answer replaces the earlier one in place, so neither the
+        answer count nor the status line's words tell that the new one is done."""
+        try:
+            self.page.wait_for_function(
+                "([want, finals]) => { const b = document.querySelectorAll('#chat [data-testid=bot]');"
+                " const s = document.querySelector('#status').innerText;"
+                " return b.length > 0 && b[b.length - 1].innerText.replace(/[^0-9A-Za-z]/g, '') === want"
+                " && finals.some(w => s.includes(w)); }", arg=[alnum(expected), list(FINAL)], timeout=WAIT_MS)
+        except Exception as e:
+            raise AssertionError(f"not seen within {WAIT_MS / 1000:.0f}s: {what} (last answer: "
+                                 f"{(self.bot_texts() or [''])[-1]!r}, wanted {expected!r})") from e
+
     def wait_answer(self, n: int) -> str:
         """Waits for the n-th answer to end (its stats, an error or a stop in the status line)."""
         finals = " || ".join(f"s.includes({w!r})" for w in FINAL)

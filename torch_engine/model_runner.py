@@ -39,6 +39,7 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, ops: ModuleType) -> None:
         self.config = config
         self.ops = ops  # torch_engine.ops or turbomind.ops: the same interface
+        self.sample_race = getattr(ops, "sample_race", None)  # turbomind's one-kernel draw
         self.device = torch.device(config.device)
         self.block_size = config.cache.block_size
         self.model = load_model(config.model, ops, config.device)

@@ -32,6 +32,7 @@ INSTANTIATIONS: dict[str, tuple[str, ...]] = {
     + tuple(f"awq_gemv_reduce<{t}>" for t in CTYPES.values()),
     "awq_gemm.cu": ("awq_gemm<__half>", "awq_gemm<__nv_bfloat16>"),  # tensor cores: 16-bit only
     "lora.cu": tuple(f"lora_{k}<{t}>" for k in ("shrink", "expand") for t in CTYPES.values()),
+    "sample.cu": ("sample_race",),
     "prefill_attention.cu": tuple(f"prefill_attention<{t}, {d}>" for t in CTYPES.values() for d in HEAD_DIMS),
 }
 

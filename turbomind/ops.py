@@ -22,13 +22,14 @@ from torch_engine.ops import embedding  # noqa: F401  (the embedding gather stay
 from turbomind.launch import CTYPES, HEAD_DIMS, HEADS_PER_CTA, NULL, device_index, i64, launch
 
 __all__ = ["add_lora", "attention", "attention_backends", "awq_linear", "embedding", "linear", "rms_norm",
-           "rotary_write_kv", "silu_and_mul"]
+           "rotary_write_kv", "sample_race", "silu_and_mul"]
 
 DECODE_THREADS = 128  # decode_attention.cu's block (4 warps)
 PREFILL_QUERIES = 32  # prefill_attention.cu's QT
 MIN_SPLIT_TOKENS = 256  # split-K: no split of the context shorter than this
 AWQ_GEMV_MAX_ROWS = 8  # awq_gemv.cu's MMAX: more rows go to dequantize + cuBLAS
 AWQ_KS = 8  # awq_gemv.cu's KS: thread rows per CTA, each over its own inputs
+SAMPLE_THREADS = 1024  # sample.cu's THREADS
 LORA_SHRINK_WARPS = 8  # lora.cu's SHRINK_WARPS
 LORA_EXPAND_COLUMNS = 512  # lora.cu: EXPAND_THREADS x 2 columns per CTA
 LORA_MAX_RANK_PARTS = 768  # lora.cu's MAX_RANK_PARTS
@@ -245,6 +246,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            lora: LoRAStack | None = None, lora_meta: LoRAMetadata | None = None) -> torch.Tensor:
     """torch_engine.ops.linear: cuBLAS through torch, then the deltas by lora.cu's kernels."""
     return torch_ops.add_bias_and_lora(F.linear(x, weight, bias), x, None, lora, lora_meta, add_lora)
+
+
+def sample_race(logits: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """lmq.sampling's exponential race over counter_exponentials' draws in one kernel: logits
+    [R, V] float32 (temperature-scaled, filtered), keys [R] int64 -> tokens [R] int64."""
+    _check(logits.dtype == torch.float32 and logits.dim() == 2 and logits.stride(1) == 1 and logits.is_cuda,
+           f"logits must be CUDA float32 [R, V] with contiguous rows, got {logits.dtype} {tuple(logits.shape)}")
+    _check(keys.dtype == torch.int64 and keys.shape == logits.shape[:1] and keys.is_contiguous()
+           and keys.device == logits.device, f"keys must be contiguous int64 [{logits.shape[0]}] on {logits.device}")
+    tokens = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
+    if logits.shape[0]:
+        launch("sample.cu", "sample_race", logits.device, (logits.shape[0],), (SAMPLE_THREADS,),
+               (tokens, logits, keys, logits.shape[1], i64(logits.stride(0))))
+    return tokens
 
 
 def _awq_per_thread(in_features: int, group_size: int) -> int:

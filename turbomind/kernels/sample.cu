@@ -1,0 +1,64 @@
+// The sampler's draw in one pass: tokens[r] = argmax_v (logits[r, v] - log q(keys[r], v)), the
+// exponential race of lmq/sampling.py (argmax p / q, q ~ Exp(1), is a draw from p = softmax of
+// the logits; log p - log q orders as p / q does, and softmax's normaliser is one per row, so
+// no softmax is needed). q(key, v) = -log(u), u from the (v + 1)-th output of splitmix64
+// started at key, its top 23 bits centred in their cell: exactly counter_exponentials' draws.
+// logits: the rows' temperature-scaled, filtered (-inf outside top-k / top-p / min-p) float32.
+// Oracle: lmq.sampling._random_sample on the same keys (equal tokens up to near-ties, where the
+// two roundings of the score may differ).
+//
+// grid (rows), block THREADS: each thread a strided slice of the vocabulary, then a block
+// reduction of (score, index), ties to the lower index as torch.argmax.
+constexpr int THREADS = 1024;
+#define NEG_INF __int_as_float(0xff800000)  // NVRTC has no <cmath> INFINITY
+
+__device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+__device__ __forceinline__ bool better(float s, int i, float best, int best_i) {
+  return s > best || (s == best && i < best_i);
+}
+
+__global__ void __launch_bounds__(THREADS) sample_race(long long* __restrict__ tokens,
+                                                      const float* __restrict__ logits,
+                                                      const long long* __restrict__ keys, int vocab,
+                                                      long long stride) {
+  const int r = blockIdx.x;
+  const float* row = logits + r * stride;
+  const unsigned long long key = static_cast<unsigned long long>(keys[r]);
+  float best = NEG_INF;
+  int best_i = vocab;  // no candidate yet
+  for (int v = threadIdx.x; v < vocab; v += THREADS) {
+    const float l = row[v];
+    if (l == NEG_INF) continue;
+    const unsigned long long x = mix64(key + static_cast<unsigned long long>(v + 1) * 0x9E3779B97F4A7C15ull);
+    const float u = (float(x >> 41) + 0.5f) * 1.1920928955078125e-7f;  // 2^-23: k + 0.5 exact in float
+    const float s = l - logf(-logf(u));
+    if (better(s, v, best, best_i)) best = s, best_i = v;
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const float s = __shfl_xor_sync(0xffffffffu, best, off);
+    const int i = __shfl_xor_sync(0xffffffffu, best_i, off);
+    if (better(s, i, best, best_i)) best = s, best_i = i;
+  }
+  __shared__ float ws[THREADS / 32];
+  __shared__ int wi[THREADS / 32];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (lane == 0) ws[warp] = best, wi[warp] = best_i;
+  __syncthreads();
+  if (warp == 0) {
+    best = lane < THREADS / 32 ? ws[lane] : NEG_INF;
+    best_i = lane < THREADS / 32 ? wi[lane] : vocab;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      const float s = __shfl_xor_sync(0xffffffffu, best, off);
+      const int i = __shfl_xor_sync(0xffffffffu, best_i, off);
+      if (better(s, i, best, best_i)) best = s, best_i = i;
+    }
+    if (lane == 0) tokens[r] = best_i < vocab ? best_i : 0;  // an all -inf row cannot come from the sampler
+  }
+}
