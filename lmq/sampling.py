@@ -383,8 +383,8 @@ def _mix64(x: torch.Tensor) -> torch.Tensor:
 def counter_exponentials(keys: torch.Tensor, vocab: int) -> torch.Tensor:
     """keys: [R] int64 (a seeded draw's `step_seed`) -> q [R, V] float32 ~ Exp(1): q[r, v] =
     -log(u), u from the v-th output of splitmix64 started at keys[r] (its top 23 bits, centred
-    in their cell, so u is in (0, 1)). A function of (key, v) alone: the same on any device, in any batch,
-    and for a kernel that draws them one by one; no generator is made or kept."""
+    in their cell, so u is in (0, 1)). A function of (key, v) alone: the same on any device, in
+    any batch, and for a kernel that draws them one by one; no generator is made or kept."""
     out = torch.empty(keys.shape[0], vocab, dtype=torch.float32, device=keys.device)
     steps = torch.arange(1, vocab + 1, dtype=torch.int64, device=keys.device) * _i64(_GOLDEN)  # [V]
     rows = max(1, _COUNTER_CHUNK.get(keys.device.type, 1 << 22) // max(vocab, 1))
