@@ -77,7 +77,8 @@ def test_rotary_write_kv(tm, dtype, t, h, hkv, d, bs):
     slots[t // 2] = -1 if t > 2 else slots[t // 2]  # a token that writes nothing
     pos = torch.randint(0, 4000, (t,), device="cuda", generator=g)
     cs = _cos_sin(4096, d, dtype)
-    caches = [torch.randn(blocks, bs, hkv, d, device="cuda", generator=g).to(dtype) for _ in range(4)]
+    caches = [torch.randn(blocks, bs, hkv, d, device="cuda", generator=g).to(dtype) for _ in range(2)]
+    caches += [c.clone() for c in caches]  # the oracle's start equal: slots nobody writes must stay so
     out = tm.rotary_write_kv(pos, q, k, v, cs, caches[0], caches[1], slots)
     keep = slots >= 0
     ref_q = ref.rotary_write_kv(pos[keep], q[keep], k[keep], v[keep], cs, caches[2], caches[3], slots[keep])
@@ -165,10 +166,11 @@ def _awq_case(m: int, k: int, n: int, group: int, dtype: torch.dtype) -> tuple[t
 
 def _awq_close(got: torch.Tensor, expected: torch.Tensor) -> None:
     """Both sides round the dequantized weight to x's dtype once and accumulate in fp32; what
-    differs is the summation order and the output's rounding, within 2% of the mean |y|."""
+    differs is the summation order and the output's rounding: within 4 units of the output's
+    last place at its largest |y| (bf16 2^-8, fp16 2^-11 relative)."""
     err = (got.float() - expected.float()).abs().max().item()
-    scale = expected.float().abs().mean().item()
-    assert err <= 2e-2 * scale + 1e-3, (err, scale)
+    top = expected.float().abs().max().item()
+    assert err <= 4 * torch.finfo(expected.dtype).eps * top + 1e-3, (err, top)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -180,7 +182,7 @@ def test_awq_gemv(tm, dtype, m, k, n, group):
     got = tm.awq_linear(x, *args)
     _awq_close(got, ref.awq_linear(x, *args))
     bias = torch.randn(n, device="cuda").to(dtype)
-    _close(tm.awq_linear(x, *args, bias) - bias, got, dtype, "awq bias")
+    _awq_close(tm.awq_linear(x, *args, bias), (got.float() + bias.float()).to(dtype))  # y + bias, rounded once
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

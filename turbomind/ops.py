@@ -34,7 +34,9 @@ LORA_SHRINK_WARPS = 8  # lora.cu's SHRINK_WARPS
 LORA_EXPAND_COLUMNS = 512  # lora.cu: EXPAND_THREADS x 2 columns per CTA
 LORA_MAX_RANK_PARTS = 768  # lora.cu's MAX_RANK_PARTS
 AWQ_GEMM_TILE = (64, 128, 32)  # awq_gemm.cu's BM, BN, BK
-AWQ_GEMM_MAX_ROWS = 512  # more rows go to dequantize + cuBLAS (bench/awq_gemm.py measures the crossover)
+# more rows go to dequantize + cuBLAS; awq_gemm was the faster up to 2048, the largest size
+# bench/awq_gemm.py measured (BENCHMARKS.md, H100, 2026-12-07)
+AWQ_GEMM_MAX_ROWS = 2048
 AWQ_GEMM_MIN_TILES = 8  # split-K: each split sums at least this many BK tiles
 
 

@@ -35,8 +35,11 @@ __global__ void __launch_bounds__(THREADS) sample_race(long long* __restrict__ t
     const float l = row[v];
     if (l == NEG_INF) continue;
     const unsigned long long x = mix64(key + static_cast<unsigned long long>(v + 1) * 0x9E3779B97F4A7C15ull);
-    const float u = (float(x >> 41) + 0.5f) * 1.1920928955078125e-7f;  // 2^-23: k + 0.5 exact in float
-    const float s = l - logf(-logf(u));
+    // q = -log(u) with u = (k + 0.5) 2^-23, as -log1p(-(1 - u)): 1 - u = (2^23 - k - 0.5) 2^-23 is
+    // exact, and log1pf keeps q's relative precision where u is near 1 (q tiny: the race's likely
+    // winners), which fast-math logf (__logf, absolute error ~2^-21) does not
+    const float w = (8388608.f - float(x >> 41) - 0.5f) * 1.1920928955078125e-7f;
+    const float s = l - __logf(-log1pf(-w));  // the outer log: an absolute error ~1e-6 of the score
     if (better(s, v, best, best_i)) best = s, best_i = v;
   }
 #pragma unroll
