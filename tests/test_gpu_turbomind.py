@@ -166,8 +166,8 @@ def _awq_case(m: int, k: int, n: int, group: int, dtype: torch.dtype) -> tuple[t
 
 def _awq_close(got: torch.Tensor, expected: torch.Tensor) -> None:
     """Both sides round the dequantized weight to x's dtype once and accumulate in fp32; what
-    differs is the summation order and the output's rounding: within 4 units of the output's
-    last place at its largest |y| (bf16 2^-8, fp16 2^-11 relative)."""
+    differs is the summation order and the output's rounding: within 4 eps of the largest |y|
+    (eps: bf16 2^-7, fp16 2^-10; one ulp of |y| is at most eps |y|)."""
     err = (got.float() - expected.float()).abs().max().item()
     top = expected.float().abs().max().item()
     assert err <= 4 * torch.finfo(expected.dtype).eps * top + 1e-3, (err, top)
