@@ -34,7 +34,7 @@ from lmq.weights import resolve_model
 def _decode_ready(llm: LLM, prompts: list[list[int]], warmup: int) -> None:
     """Add the prompts and step until every sequence is decoding, then `warmup` more steps."""
     engine = llm.engine
-    params = SamplingParams(temperature=0.0, max_tokens=4096, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=256, ignore_eos=True)  # within max_model_len (input + 512)
     for i, p in enumerate(prompts):
         engine.add_request(f"p{time.monotonic_ns()}-{i}", p, params)
     while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running) \
