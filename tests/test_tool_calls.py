@@ -391,7 +391,11 @@ def test_tool_calls_stream_as_deltas(family_server):
                 arg_chunks += 1
         finish = chunk.choices[0].finish_reason or finish
     assert finish == "tool_calls" and (content or None) == EXPECTED[family][0]
-    assert arg_chunks > len(calls)  # arguments come in fragments, as the model writes them
+    # every call's arguments arrive, in fragments as the model writes them while the client keeps
+    # up; a reader that falls behind gets the newest cumulative output (lmq.async_engine), so on a
+    # loaded machine one chunk may carry a whole call's arguments. The fragments themselves are
+    # checked where timing cannot merge them: test_stream_sends_names_first_then_argument_fragments.
+    assert arg_chunks >= len(calls)
     _check_calls(family, [tuple(calls[i]) for i in sorted(calls)])
 
 
