@@ -131,13 +131,19 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def decode_splits(num_ctas: int, max_context: int, device: torch.device) -> int:
-    """Split-K factor: enough CTAs for about two waves over the SMs, no split under
-    MIN_SPLIT_TOKENS keys. A function of shapes only, so one CUDA graph bucket keeps one value."""
+def split_k(num_ctas: int, max_splits: int, device: torch.device) -> int:
+    """Split-K factor of a kernel whose output tiles make `num_ctas` CTAs: enough splits for
+    about two waves over the SMs, at most `max_splits`; none once the tiles fill the SMs."""
     sms = _num_sms(device_index(device))
     if num_ctas >= sms:
         return 1
-    return max(1, min(-(-2 * sms // num_ctas), -(-max_context // MIN_SPLIT_TOKENS)))
+    return max(1, min(-(-2 * sms // num_ctas), max_splits))
+
+
+def decode_splits(num_ctas: int, max_context: int, device: torch.device) -> int:
+    """Decode attention's split-K: no split under MIN_SPLIT_TOKENS keys. A function of shapes
+    only, so one CUDA graph bucket keeps one value."""
+    return split_k(num_ctas, -(-max_context // MIN_SPLIT_TOKENS), device)
 
 
 def _check_cache_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
@@ -289,6 +295,13 @@ def _check_awq(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
     return t
 
 
+def _sum_splits(y: torch.Tensor, ws: torch.Tensor, splits: int, t: str) -> None:
+    """y [M, out] (C type t) = the sum over ws [splits, M, out] float32, in split order (the
+    W4A16 kernels' deterministic split-K reduce)."""
+    n = y.numel()
+    launch("awq_gemv.cu", f"awq_gemv_reduce<{t}>", y.device, (-(-n // 256),), (256,), (y, ws, splits, i64(n)))
+
+
 def awq_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
              group_size: int) -> torch.Tensor:
     """x: [M <= 8, in] -> [M, out]: the W4A16 kernel over AutoAWQ's packed tensors."""
@@ -303,8 +316,7 @@ def awq_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scale
     y = torch.empty(m, out_features, dtype=x.dtype, device=x.device)
     launch("awq_gemv.cu", f"awq_gemv<{t}>", x.device, (-(-out_features // 8 // 32), splits), (32, AWQ_KS),
            (ws, x, qweight, qzeros, scales, m, in_features, out_features, group_size, AWQ_KS * pt))
-    n = m * out_features
-    launch("awq_gemv.cu", f"awq_gemv_reduce<{t}>", x.device, (-(-n // 256),), (256,), (y, ws, splits, i64(n)))
+    _sum_splits(y, ws, splits, t)
     return y
 
 
@@ -333,8 +345,7 @@ def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scale
     bm, bn, bk = AWQ_GEMM_TILE
     ctas = (out_features // bn) * -(-m // bm)
     tiles = in_features // bk
-    sms = _num_sms(device_index(x.device))
-    splits = 1 if ctas >= sms else max(1, min(-(-2 * sms // ctas), tiles // AWQ_GEMM_MIN_TILES))
+    splits = split_k(ctas, tiles // AWQ_GEMM_MIN_TILES, x.device)
     k_split = -(-tiles // splits) * bk
     splits = -(-in_features // k_split)  # no empty split
     y = torch.empty(m, out_features, dtype=x.dtype, device=x.device)
@@ -344,8 +355,7 @@ def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scale
     launch("awq_gemm.cu", f"awq_gemm<{t}>", x.device, (out_features // bn, -(-m // bm), splits), (256,),
            (y, ws, x, qweight, qzeros, scales, m, in_features, out_features, group_size, k_split))
     if splits > 1:
-        n = m * out_features
-        launch("awq_gemv.cu", f"awq_gemv_reduce<{t}>", x.device, (-(-n // 256),), (256,), (y, ws, splits, i64(n)))
+        _sum_splits(y, ws, splits, t)
     return y
 
 

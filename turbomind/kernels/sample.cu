@@ -22,6 +22,16 @@ __device__ __forceinline__ bool better(float s, int i, float best, int best_i) {
   return s > best || (s == best && i < best_i);
 }
 
+// (best, best_i) of the whole warp in every lane
+__device__ __forceinline__ void warp_argmax(float& best, int& best_i) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const float s = __shfl_xor_sync(0xffffffffu, best, off);
+    const int i = __shfl_xor_sync(0xffffffffu, best_i, off);
+    if (better(s, i, best, best_i)) best = s, best_i = i;
+  }
+}
+
 __global__ void __launch_bounds__(THREADS) sample_race(long long* __restrict__ tokens,
                                                       const float* __restrict__ logits,
                                                       const long long* __restrict__ keys, int vocab,
@@ -42,12 +52,7 @@ __global__ void __launch_bounds__(THREADS) sample_race(long long* __restrict__ t
     const float s = l - __logf(-log1pf(-w));  // the outer log: an absolute error ~1e-6 of the score
     if (better(s, v, best, best_i)) best = s, best_i = v;
   }
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    const float s = __shfl_xor_sync(0xffffffffu, best, off);
-    const int i = __shfl_xor_sync(0xffffffffu, best_i, off);
-    if (better(s, i, best, best_i)) best = s, best_i = i;
-  }
+  warp_argmax(best, best_i);
   __shared__ float ws[THREADS / 32];
   __shared__ int wi[THREADS / 32];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -56,12 +61,7 @@ __global__ void __launch_bounds__(THREADS) sample_race(long long* __restrict__ t
   if (warp == 0) {
     best = lane < THREADS / 32 ? ws[lane] : NEG_INF;
     best_i = lane < THREADS / 32 ? wi[lane] : vocab;
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-      const float s = __shfl_xor_sync(0xffffffffu, best, off);
-      const int i = __shfl_xor_sync(0xffffffffu, best_i, off);
-      if (better(s, i, best, best_i)) best = s, best_i = i;
-    }
+    warp_argmax(best, best_i);
     if (lane == 0) tokens[r] = best_i < vocab ? best_i : 0;  // an all -inf row cannot come from the sampler
   }
 }
