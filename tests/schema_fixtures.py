@@ -1,8 +1,11 @@
 """Random JSON schemas and regexes for structured-output tests and benchmarks.
 
 Every schema is closed (additionalProperties false) and bounded (strings with maxLength, arrays
-with maxItems, numbers with minimum/maximum), so a random model's constrained output ends
-within a small token budget. Features drawn: nested objects, arrays with minItems/maxItems,
+with maxItems, numbers with minimum/maximum). A number's fraction still has any number of
+digits, and a random model at temperature 1 picks a digit over a value's end about ten times in
+eleven, so one number in a few thousand runs past any token budget: tests of random models pass
+`value_end_bias` as logit_bias, which makes a value's end likelier wherever the grammar allows
+one (the grammar still decides what is allowed). Features drawn: nested objects, arrays with minItems/maxItems,
 enums, integers and numbers with bounds, required and optional fields, strings with a pattern
 or a maxLength, booleans.
 """
@@ -10,10 +13,17 @@ or a maxLength, booleans.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 _WORDS = ["id", "name", "size", "tags", "kind", "score", "ok", "items", "meta", "level", "color", "count"]
 _ENUMS = [["red", "green", "blue"], ["a", "bb", "ccc"], [1, 2, 3], ["yes", "no"], [True, "maybe", 7]]
 _PATTERNS = [r"[a-z]{1,4}", r"[0-9]{2}-[0-9]{2}", r"(ab|cd){1,3}x?", r"[A-Z][a-z]{0,3}"]
+
+
+def value_end_bias(encode: Callable[[str], list[int]], bias: float = 4.0) -> dict[int, float]:
+    """logit_bias favouring the tokens that end a JSON value or string (`"`, `,`, `}`, `]`).
+    encode: text -> token ids without special tokens."""
+    return {encode(c)[0]: bias for c in ('"', ",", "}", "]")}
 
 
 def random_schema(rng: random.Random, depth: int = 0) -> dict:

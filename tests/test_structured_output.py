@@ -16,7 +16,7 @@ import jsonschema
 import openai
 import pytest
 import torch
-from schema_fixtures import random_regex, random_schema
+from schema_fixtures import random_regex, random_schema, value_end_bias
 
 from conftest import SEED, random_prompts
 from lmq import LLM, SamplingParams
@@ -106,6 +106,11 @@ def _llm(folder, **kw) -> LLM:
     return LLM(str(folder), device="cpu", dtype="float32", kv_cache_gb=0.05, **kw)
 
 
+def _ends(llm: LLM) -> dict[int, float]:
+    """A random model's numbers end within the budget (schema_fixtures.value_end_bias)."""
+    return value_end_bias(lambda text: llm.tokenizer.encode(text, add_special_tokens=False))
+
+
 @pytest.fixture(scope="module")
 def llm(tiny_models, lora_adapters) -> LLM:
     return _llm(tiny_models["llama"], adapters={k: lora_adapters[k] for k in ("qv4", "all8")})
@@ -122,7 +127,8 @@ def test_random_schemas_and_regexes_in_a_mixed_batch(llm):
     prompts, params, names = [], [], []
     for i, (kind, spec) in enumerate(specs):
         prompts.append(random_prompts(1, [4, 11], seed=SEED % 1000 + i)[0])
-        params.append(_guided(kind, spec, n=2 if i % 5 == 0 else 1, seed=i if i % 3 == 0 else None))
+        params.append(_guided(kind, spec, n=2 if i % 5 == 0 else 1, seed=i if i % 3 == 0 else None,
+                              logit_bias=_ends(llm)))
         names.append(adapters[i % 3])
     prompts += free_prompts
     params += [FREE] * len(free_prompts)
@@ -142,8 +148,7 @@ def test_choice_json_object_and_grammar(llm):
     ebnf = 'root ::= "(" [a-c]{1,3} ")" ("!" | "")'
     params = [_guided("choice", choices, seed=s) for s in range(6)]
     # Unbounded strings: a bias towards closing them keeps a random model's objects short.
-    ends = {llm.tokenizer.encode(c, add_special_tokens=False)[0]: 4.0 for c in ('"', "}")}
-    params += [_guided("json_object", True, seed=s, logit_bias=ends) for s in range(4)]
+    params += [_guided("json_object", True, seed=s, logit_bias=_ends(llm)) for s in range(4)]
     params += [_guided("grammar", ebnf, seed=s) for s in range(4)]
     outs = llm.generate([[5, 6, 7]] * len(params), params)
     texts = [o.outputs[0].text for o in outs]
@@ -168,13 +173,16 @@ def test_max_tokens_mid_json_is_length_and_min_tokens_defers_to_the_grammar(llm)
 
 
 def test_preemption_keeps_matchers_in_step(tiny_models):
-    llm = _llm(tiny_models["qwen2"], block_size=8, num_kv_blocks=25)
+    # 40 blocks of 8 tokens hold one request's full budget (30 + 290 tokens) but never all ten:
+    # the prompts alone take 250 tokens, so the batch preempts while it decodes.
+    llm = _llm(tiny_models["qwen2"], block_size=8, num_kv_blocks=40)
     rng = random.Random(SEED + 1)
     schemas = [random_schema(rng) for _ in range(10)]
     prompts = random_prompts(10, [20, 30], seed=SEED % 1000 + 7)
     # No whitespace between JSON tokens: outputs about half as long, within the small cache.
-    params = [SamplingParams(temperature=1.0, max_tokens=160, seed=i, guided_decoding=GuidedDecodingParams(
-        json=s, disable_any_whitespace=True)) for i, s in enumerate(schemas)]
+    params = [SamplingParams(temperature=1.0, max_tokens=290, seed=i, logit_bias=_ends(llm),
+                             guided_decoding=GuidedDecodingParams(json=s, disable_any_whitespace=True))
+              for i, s in enumerate(schemas)]
     outs = llm.generate(prompts, params)
     assert llm.engine.scheduler.num_preemptions > 0
     for s, out in zip(schemas, outs):
@@ -233,6 +241,15 @@ def server(tiny_models):
     srv.stop()
 
 
+@pytest.fixture(scope="module")
+def server_ends(tiny_models) -> dict[str, int]:
+    """value_end_bias for the server's model, as a request's logit_bias."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_models["llama"]))
+    return {str(t): int(b) for t, b in value_end_bias(lambda text: tok.encode(text, add_special_tokens=False)).items()}
+
+
 @pytest.fixture
 def client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
@@ -253,11 +270,11 @@ def _chat_text(client, stream: bool, **extra) -> tuple[str, str]:
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_server_response_format_and_guided_fields(client, stream):
+def test_server_response_format_and_guided_fields(client, server_ends, stream):
     rng = random.Random(SEED + (3 if stream else 4))
     for _ in range(4):
         schema = random_schema(rng)
-        text, finish = _chat_text(client, stream, seed=rng.randrange(1000), response_format={
+        text, finish = _chat_text(client, stream, seed=rng.randrange(1000), logit_bias=server_ends, response_format={
             "type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}})
         assert finish == "stop"
         _assert_valid("json", schema, text)
@@ -271,7 +288,7 @@ def test_server_response_format_and_guided_fields(client, stream):
     text, _ = _chat_text(client, stream, extra_body={"guided_choice": ["up", "down"]})
     assert text in ("up", "down")
     schema = random_schema(rng)
-    text, _ = _chat_text(client, stream, extra_body={"guided_json": schema})
+    text, _ = _chat_text(client, stream, logit_bias=server_ends, extra_body={"guided_json": schema})
     _assert_valid("json", schema, text)
 
 
