@@ -7,6 +7,8 @@ Random weights in the Llama-3.2-1B or Llama-3-8B shape, bf16. Reported:
 - copy bandwidth: a 1 GiB device-to-device copy (read + write bytes / time), best of 5;
 - decode tok/s of each engine at each batch size, decode steps only: the time of a run of
   output_len tokens minus that of a run of one token, over batch * (output_len - 1) tokens;
+  `--backends ... hf` adds transformers' `generate` (greedy, equal-length prompts so no padding,
+  same weights, its default dynamic cache) measured the same way;
 - batch-1 decode against the roofline: (weight bytes + KV bytes read per step) / copy bandwidth;
 - decode attention alone at batch 64 x 4,096 context (32 / 8 heads, head_dim 128): K and V
   bytes / kernel time, as a share of the copy bandwidth;
@@ -102,6 +104,29 @@ def decode_tok_s(llm: LLM, prompts: list[list[int]], output_len: int) -> float:
     return len(prompts) * (output_len - 1) / (full - first)
 
 
+def hf_decode_tok_s(folder: Path, prompts: list[list[int]], output_len: int, device: str = "cuda") -> float:
+    """transformers' batched greedy `generate` on the same weights: decode tok/s as decode_tok_s."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device).eval()
+    ids = torch.tensor(prompts, device=device)  # [batch, input_len]: equal lengths, no padding
+
+    def run(n: int) -> float:
+        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+        sync()
+        t = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False, pad_token_id=0)
+        sync()
+        assert out.shape == (len(prompts), ids.shape[1] + n), out.shape
+        return time.perf_counter() - t
+
+    run(output_len)  # warm-up
+    full, first = run(output_len), min(run(1) for _ in range(2))
+    return len(prompts) * (output_len - 1) / (full - first)
+
+
 def weight_bytes(llm: LLM) -> int:
     """Bytes a decode step reads: every parameter once (a tied embedding is the LM head's read;
     an untied input embedding reads one row, counted as nothing)."""
@@ -148,7 +173,8 @@ def main() -> None:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 128])
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
-    ap.add_argument("--backends", nargs="+", default=["turbomind", "pytorch"])
+    ap.add_argument("--backends", nargs="+", default=["turbomind", "pytorch"],
+                    help="lmq backends, and hf for transformers' generate")
     ap.add_argument("--skip-attention", action="store_true")
     ap.add_argument("--awq", action="store_true", help="also batch-1 decode of an AWQ copy on turbomind")
     ap.add_argument("--json", default=None)
@@ -162,6 +188,16 @@ def main() -> None:
         runs.append(("turbomind-awq", make_awq(folder, tmp / "awq"), "float16"))
     rows = []
     for backend, model_dir, dtype in runs:
+        if backend == "hf":  # the roofline columns are the engines'; HF's row is its tok/s
+            for b in tqdm(args.batch_sizes, desc="hf batch sizes"):
+                g = torch.Generator().manual_seed(b)
+                prompts = [torch.randint(3, 32000, (args.input_len,), generator=g).tolist() for _ in range(b)]
+                rows.append({"backend": "hf", "batch": b, "decode_tok_s": hf_decode_tok_s(model_dir, prompts,
+                                                                                          args.output_len)})
+                print(json.dumps(rows[-1]))
+            gc.collect()
+            torch.cuda.empty_cache()
+            continue
         llm = LLM(str(model_dir), device="cuda", dtype=dtype, backend=backend.removesuffix("-awq"),
                   gpu_memory_utilization=0.4,
                   max_model_len=args.input_len + args.output_len + 16, max_num_seqs=max(args.batch_sizes))
@@ -187,6 +223,8 @@ def main() -> None:
         result["awq_over_bf16_batch1"] = by[("turbomind-awq", 1)] / by[("turbomind", 1)]
     result["turbomind_over_pytorch"] = {b: by[("turbomind", b)] / by[("pytorch", b)] for b in args.batch_sizes
                                         if ("turbomind", b) in by and ("pytorch", b) in by}
+    result["turbomind_over_hf"] = {b: by[("turbomind", b)] / by[("hf", b)] for b in args.batch_sizes
+                                   if ("turbomind", b) in by and ("hf", b) in by}
     if not args.skip_attention:
         result["decode_attention"] = attention_alone(bandwidth)
     print(json.dumps(result, indent=1))
