@@ -243,6 +243,7 @@ def _assert_aborted_and_freed(server, aborted_before: int) -> None:
 
 def test_disconnect_mid_stream_frees_blocks(server):
     body = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 400, "ignore_eos": True, **EVERY_TOKEN}
+    _wait_idle(server)  # an earlier test's request still finishing would be held too, and counted running
     before = _engine(server).stats().num_aborted
     with held_after(_engine(server), 3):
         with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as resp:
@@ -257,6 +258,7 @@ def test_disconnect_mid_stream_frees_blocks(server):
 def test_disconnect_while_waiting_for_a_whole_response_frees_blocks(server):
     body = json.dumps({"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 450, "ignore_eos": True})
     host, port = server.url.removeprefix("http://").split(":")
+    _wait_idle(server)  # (as above)
     before = _engine(server).stats().num_aborted
     with held_after(_engine(server), 3):
         with socket.create_connection((host, int(port)), timeout=30) as conn:
