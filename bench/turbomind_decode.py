@@ -88,6 +88,12 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / best
 
 
+def bench_prompts(batch: int, input_len: int) -> list[list[int]]:
+    """The batch's random prompts, the same for every engine (seeded by the batch size)."""
+    g = torch.Generator().manual_seed(batch)
+    return [torch.randint(3, 32000, (input_len,), generator=g).tolist() for _ in range(batch)]
+
+
 def timed_generate(llm: LLM, prompts: list[list[int]], output_len: int) -> float:
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     torch.cuda.synchronize()
@@ -190,10 +196,8 @@ def main() -> None:
     for backend, model_dir, dtype in runs:
         if backend == "hf":  # the roofline columns are the engines'; HF's row is its tok/s
             for b in tqdm(args.batch_sizes, desc="hf batch sizes"):
-                g = torch.Generator().manual_seed(b)
-                prompts = [torch.randint(3, 32000, (args.input_len,), generator=g).tolist() for _ in range(b)]
-                rows.append({"backend": "hf", "batch": b, "decode_tok_s": hf_decode_tok_s(model_dir, prompts,
-                                                                                          args.output_len)})
+                tok_s = hf_decode_tok_s(model_dir, bench_prompts(b, args.input_len), args.output_len)
+                rows.append({"backend": "hf", "batch": b, "decode_tok_s": tok_s})
                 print(json.dumps(rows[-1]))
             gc.collect()
             torch.cuda.empty_cache()
@@ -204,9 +208,7 @@ def main() -> None:
         step_weights = weight_bytes(llm)
         kv_per_token = llm.engine.config.model.kv_bytes_per_token
         for b in tqdm([1] if backend.endswith("-awq") else args.batch_sizes, desc=f"{backend} batch sizes"):
-            g = torch.Generator().manual_seed(b)
-            prompts = [torch.randint(3, 32000, (args.input_len,), generator=g).tolist() for _ in range(b)]
-            tok_s = decode_tok_s(llm, prompts, args.output_len)
+            tok_s = decode_tok_s(llm, bench_prompts(b, args.input_len), args.output_len)
             avg_ctx = args.input_len + args.output_len / 2
             step_bytes = step_weights + b * avg_ctx * kv_per_token
             roofline_tok_s = b * bandwidth / step_bytes
