@@ -39,6 +39,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    help="the same as --no-enable-prefix-caching")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs: every decode step runs eagerly")
+    g.add_argument("--async-scheduling", action="store_true",
+                   help="schedule each step while the one before runs on the device (default: off)")
     g.add_argument("--trust-remote-code", action="store_true",
                    help="let transformers run the model folder's own config / tokenizer code")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
@@ -119,6 +121,7 @@ def _engine_options(args: argparse.Namespace) -> dict:
                 max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                 enable_prefix_caching=args.enable_prefix_caching, tokenizer=args.tokenizer,
                 chat_template=args.chat_template, seed=args.seed, enforce_eager=args.enforce_eager,
+                async_scheduling=args.async_scheduling,
                 trust_remote_code=args.trust_remote_code, tensor_parallel_size=args.tensor_parallel_size,
                 quantization=args.quantization)
     if hasattr(args, "vision_devices"):

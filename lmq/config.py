@@ -177,6 +177,9 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192  # per-step token budget; long prompts are chunked under it
     max_model_len: int = 8192
+    # Schedule step n+1 while step n runs on the device (vLLM's --async-scheduling): its
+    # sampled tokens feed step n+1 on the device, and the host learns them one step later.
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         _check(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, ">= 1")

@@ -28,7 +28,7 @@ from lmq.sampling import (
 )
 from lmq.scheduler import ScheduledBatch, ScheduledSeq, Scheduler
 from lmq.sequence import Request, RequestOutput, Sequence
-from lmq.step_builder import StepBuilder
+from lmq.step_builder import PendingTokens, StepBuilder
 from lmq.structured import Grammars, check_guided
 from lmq.tokenizer import Detokenizer, Tokenizer
 from lmq.transfer import to_device
@@ -64,6 +64,11 @@ class StepInFlight:
     seqs: list[Sequence]  # the sequences that sample, in the sampler's row order
     sampled: SampledTokens | None  # None: nothing samples this step
     prompt_logits: list[tuple[ScheduledSeq, torch.Tensor]]  # [n, V] rows predicting prompt tokens, per chunk
+    # Async scheduling: the sequences whose token the next step reads on the device (their
+    # num_pending counts it until `finish_step`), and whether the next step may be launched
+    # before this one finishes (every sampled sequence is pended or certain to end by length).
+    pended: list[Sequence] = field(default_factory=list)
+    overlaps: bool = False
     # The requests `finish_step` changed so far (also when it failed midway).
     touched: dict[str, Request] = field(default_factory=dict)
 
@@ -141,6 +146,10 @@ class LLMEngine:
             eos.add(tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
         self._grammars: Grammars | None = None  # built with the first guided request
+        # Async scheduling (see `step`): the step still running, and the tokens it samples that
+        # the next step reads on the device.
+        self.in_flight: StepInFlight | None = None
+        self._pending: PendingTokens | None = None
         log.info("lmq: %s on %s (%s), %d KV blocks of %d tokens", config.model.architecture, config.device,
                  str(config.model.dtype).removeprefix("torch."), num_blocks, config.cache.block_size)
 
@@ -303,9 +312,21 @@ class LLMEngine:
     # -- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model, sample. Returns an output for every request that finished,
-        and for every streaming request that changed."""
+        and for every streaming request that changed. With async scheduling, the step launched
+        here runs on while the previous one is read back, and the outputs are the previous one's."""
         aborted = self.abort_broken_adapters()
-        return self.outputs(aborted + self.finish_step(self.launch_step()))
+        if not self.config.scheduler.async_scheduling:
+            return self.outputs(aborted + self.finish_step(self.launch_step()))
+        done: list[Request] = []
+        prev, self.in_flight = self.in_flight, None
+        if prev is not None and not prev.overlaps:  # the next step needs its tokens on the host
+            done += self.finish_step(prev)
+            prev = None
+        if self.has_unfinished():
+            self.in_flight = self.launch_step()
+        if prev is not None:
+            done += self.finish_step(prev)
+        return self.outputs(aborted + done)
 
     def launch_step(self) -> StepInFlight:
         """Schedule and queue the step's forward pass and sampling on the device; the host does
@@ -317,10 +338,11 @@ class LLMEngine:
                 self.adapters.wait_for_reads(timeout=0.05)
             if self.encoding and not failed:  # or for images being encoded
                 wait([f for _, f in self.encoding.values()], timeout=0.05, return_when=FIRST_COMPLETED)
-            return StepInFlight(batch, [], None, [])
-        built = self.builder.build(batch)
+            return StepInFlight(batch, [], None, [], overlaps=self.config.scheduler.async_scheduling)
+        built = self.builder.build(batch, self._pending)
         out = self.runner.execute(built.step)
         self.scheduler.on_step_done(batch)
+        forks = any(s.seq.request.needs_fork for s in batch.seqs if s.samples)
         seqs, logits = self._expand_forks(batch, out.sample_logits)
         guided = [i for i, s in enumerate(seqs) if s.matcher is not None]
         if guided:  # host work while the device runs the forward pass
@@ -331,7 +353,32 @@ class LLMEngine:
         for s, n in built.prompt_rows:
             prompt_logits.append((s, out.prompt_logits[k:k + n]))
             k += n
-        return StepInFlight(batch, seqs, sampled, prompt_logits)
+        pended = self._pend(seqs, forks) if self.config.scheduler.async_scheduling else None
+        self._pending = None
+        if pended:
+            for seq in pended:
+                seq.num_pending += 1
+            rows = {seq.seq_id: i for i, seq in enumerate(seqs)}
+            self._pending = PendingTokens(sampled.tokens, {seq.seq_id: rows[seq.seq_id] for seq in pended})
+        return StepInFlight(batch, seqs, sampled, prompt_logits, pended or [], pended is not None)
+
+    def _pend(self, seqs: list[Sequence], forks: bool) -> list[Sequence] | None:
+        """Async scheduling: the sampled sequences the next step may compute before this step's
+        tokens reach the host (all but those certain to end by length), or None when one of them
+        needs its token on the host first: a grammar's next mask, penalties, min_tokens and bad
+        words read the output so far; a request forking its samples is left to the simple path."""
+        if forks:
+            return None
+        pended = []
+        for seq in seqs:
+            p = seq.params
+            if seq.matcher is not None or p.needs_penalties or p.min_tokens or p.bad_words_token_ids:
+                return None
+            after = seq.num_pending + 1  # tokens appended once this step and the one before are read
+            if seq.num_output_tokens + after < (p.max_tokens or self.max_model_len) and \
+                    seq.num_tokens + after < self.max_model_len:
+                pended.append(seq)
+        return pended
 
     def finish_step(self, step: StepInFlight) -> list[Request]:
         """Wait for the step's tokens and append them (stop tokens, stop strings and length end
@@ -339,11 +386,16 @@ class LLMEngine:
         changed, for `outputs`."""
         touched = step.touched
         sampled = step.sampled.result() if step.sampled is not None else None
+        for seq in step.pended:
+            seq.num_pending -= 1
         for s, logits in step.prompt_logits:
-            self._prompt_logprobs(s.start, s.seq, logits)
+            if not s.seq.is_finished:
+                self._prompt_logprobs(s.start, s.seq, logits)
         if sampled is not None:
             now = time.monotonic()
             for seq, tok, lp in zip(step.seqs, sampled.token_ids, sampled.logprobs):
+                if seq.is_finished:  # async scheduling: aborted, or ended by the step before, while in flight
+                    continue
                 self._append(seq, tok, lp)
                 req = seq.request
                 req.first_token_time = req.first_token_time or now
@@ -390,7 +442,7 @@ class LLMEngine:
             stops = frozenset() if p.ignore_eos or seq.matcher is not None else self.eos_token_ids
             banned = banned_token_ids(p, seq.output_token_ids, stops)
         # A seeded sample's draw: its seed (+ sample index) and step offset, nothing else.
-        seed = None if p.seed is None else step_seed(p.seed + seq.sample_index, seq.num_output_tokens)
+        seed = None if p.seed is None else step_seed(p.seed + seq.sample_index, seq.num_output_tokens + seq.num_pending)
         if p.needs_penalties:  # only penalties read the history; skip copying it otherwise
             return SamplerRow(p, seq.prompt_token_ids, seq.output_token_ids, None, banned, seed)
         return SamplerRow(p, [], [], None, banned, seed)

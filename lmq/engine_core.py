@@ -153,6 +153,8 @@ class EngineCore:
         self.stopping = False
         self.failed: list[RequestDelta] = []  # deltas of requests failed after the last update was sent
         self.overlap = engine.runner.device.type == "cuda"  # the device runs a step while the host works
+        self.async_scheduling = engine.config.scheduler.async_scheduling
+        self.in_flight: StepInFlight | None = None  # async scheduling: the step launched last turn
 
     def run(self) -> None:
         """One turn: apply the ops that arrived, launch a step, send what the previous step
@@ -164,15 +166,28 @@ class EngineCore:
         Scheduling step n+1 needs step n's tokens, so only the output work (detokenizing,
         snapshots, deltas, pickling) overlaps the device; that is most of what a server adds
         over the offline engine. On a CPU the forward pass runs inside `launch_step`, so there
-        is nothing to overlap and a step's outputs go out in its own turn, one step sooner."""
+        is nothing to overlap and a step's outputs go out in its own turn, one step sooner.
+
+        With async scheduling, step n+1 is scheduled and queued before step n is read back (its
+        sampled tokens feed n+1 on the device), so the device goes from one step to the next:
+
+            host:    apply ops | launch n+1 | finish n (wait) | outputs of n, send | apply ops | launch n+2
+            device:  ... n ................ | n+1 ................................ | ...
+
+        A step whose tokens the next one needs on the host (a grammar, penalties) is finished
+        before the next launch, and so is any step still running when an engine call arrives."""
         touched: dict[str, Request] = {}  # changed by the last turn, outputs not sent yet
         while True:
-            idle = not (self._can_step() or touched or self.failed)
+            idle = not (self._can_step() or touched or self.failed or self.in_flight)
             ops = self._receive(block=idle)
             if ops is None:  # the parent is gone: nobody is left to serve
                 return
             deltas, self.failed = self.failed, []
             results: list[CallResult] = []
+            if self.in_flight is not None and (not self.in_flight.overlaps or
+                                               any(isinstance(op, Call) for op in ops)):
+                touched.update(self._finish(self.in_flight, deltas))
+                self.in_flight = None
             for op in ops:
                 self._apply(op, touched, deltas, results)
             step = None
@@ -180,14 +195,18 @@ class EngineCore:
                 touched.update((req.request_id, req) for req in self.engine.abort_broken_adapters())
                 step = self._launch(touched, deltas)
                 deltas += self._failed_requests()
-            if step is not None and not self.overlap:
+            if self.async_scheduling:
+                if self.in_flight is not None:
+                    touched.update(self._finish(self.in_flight, deltas))
+                self.in_flight, step = step, None
+            elif step is not None and not self.overlap:
                 touched.update(self._finish(step, deltas))
                 step = None
             deltas += [self.encoder.encode(out) for out in self.engine.outputs(list(touched.values()))]
             if not self._send(deltas, results):
                 return
             touched = self._finish(step, self.failed) if step is not None else {}
-            if self.stopping and not (self.engine.has_unfinished() or touched or self.failed):
+            if self.stopping and not (self.engine.has_unfinished() or touched or self.failed or self.in_flight):
                 return
 
     def _can_step(self) -> bool:

@@ -96,7 +96,8 @@ def build_engine_config(model: str | None = None, *, backend: str = "auto", dtyp
                         chat_template: str | None = None, trust_remote_code: bool = False,
                         enable_chunked_prefill: bool | None = None, tensor_parallel_size: int = 1,
                         pipeline_parallel_size: int = 1, quantization: str | None = None,
-                        tokenizer_mode: str = "auto", kv_cache_dtype: str = "auto") -> EngineConfig:
+                        tokenizer_mode: str = "auto", kv_cache_dtype: str = "auto",
+                        async_scheduling: bool = False) -> EngineConfig:
     """Options as the CLI and LLM take them (lmq's names and vLLM's) -> a validated EngineConfig.
     enforce_eager (vLLM) = not enable_cuda_graph. enable_chunked_prefill=False: whole prompts
     in one step (the token budget grows to max_model_len). chat_template: a file or the text.
@@ -123,7 +124,7 @@ def build_engine_config(model: str | None = None, *, backend: str = "auto", dtyp
                           gpu_memory_utilization=gpu_memory_utilization, kv_cache_gb=kv_cache_gb,
                           enable_prefix_caching=enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
-                                  max_model_len=mcfg.max_model_len),
+                                  max_model_len=mcfg.max_model_len, async_scheduling=async_scheduling),
         lora=LoRAConfig(max_loras=max_loras, max_lora_rank=max_lora_rank,
                         max_cpu_loras=max_cpu_loras or max(max_loras, 32)) if enable_lora else None,
         device=device,

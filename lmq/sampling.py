@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lmq.structured import GuidedDecodingParams, as_guided
-from lmq.transfer import to_device
+from lmq.transfer import HostCopy, to_device
 
 _GREEDY_EPS = 1e-5
 MAX_LOGPROBS = 20
@@ -431,17 +431,27 @@ def token_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: list[int]
                    decode: TokenTexts | None = None) -> list[dict[int, Logprob]]:
     """logprobs: [N, V] log-softmax; token_ids: [N]; k[i] alternatives for row i. decode: token
     ids -> their texts, for `Logprob.decoded_token` (None: left None)."""
+    parts = logprob_tensors(logprobs, token_ids, max(k, default=0))
+    return logprob_dicts([t.tolist() for t in parts], k, decode)
+
+
+def logprob_tensors(logprobs: torch.Tensor, token_ids: torch.Tensor, max_k: int) -> list[torch.Tensor]:
+    """The device half of `token_logprobs`: [ids [N], chosen [N], ranks [N]] and, if max_k > 0,
+    [top values, top ids, top ranks] ([N, max_k] each)."""
     chosen = logprobs.gather(1, token_ids[:, None])  # [N, 1]
-    ranks = ((logprobs > chosen).sum(-1) + 1).tolist()
-    max_k = max(k) if k else 0
-    top_v_l = top_i_l = top_r_l = None
+    out = [token_ids, chosen[:, 0], (logprobs > chosen).sum(-1) + 1]
     if max_k > 0:
         top_v, top_i = logprobs.topk(max_k, -1)  # [N, k]
         # Rank = 1 + how many are strictly more likely (ties share a rank); whatever beats a
         # top-k value is itself in the top k.
-        top_r = (top_v[:, None, :] > top_v[:, :, None]).sum(-1) + 1
-        top_v_l, top_i_l, top_r_l = top_v.tolist(), top_i.tolist(), top_r.tolist()
-    chosen_l, ids = chosen[:, 0].tolist(), token_ids.tolist()
+        out += [top_v, top_i, (top_v[:, None, :] > top_v[:, :, None]).sum(-1) + 1]
+    return out
+
+
+def logprob_dicts(parts: list[list], k: list[int], decode: TokenTexts | None = None) -> list[dict[int, Logprob]]:
+    """The host half of `token_logprobs`, from `logprob_tensors`' tensors as lists."""
+    ids, chosen_l, ranks, *top = parts
+    top_v_l, top_i_l, top_r_l = top if top else (None, None, None)
     out: list[dict[int, Logprob]] = []
     for i in range(len(ids)):
         row = [(top_i_l[i][j], top_v_l[i][j], top_r_l[i][j]) for j in range(k[i])]
@@ -453,22 +463,22 @@ def token_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: list[int]
 
 @dataclass
 class SampledTokens:
-    """A step's sampling, queued on the device: `result()` waits for it and reads it back."""
+    """A step's sampling, queued on the device: `result()` waits for it (not for a step queued
+    after it) and reads it back."""
 
-    tokens: torch.Tensor  # [B] int64 on the logits' device
+    tokens: torch.Tensor  # [B] int64 on the logits' device (the next step may read them there)
+    copy: HostCopy  # the tokens, then `logprob_tensors` of the rows that want logprobs
     want: list[int]  # the rows that want logprobs
-    logprobs_of: torch.Tensor | None  # [Bw, V] float32 logits of those rows
-    chosen: torch.Tensor | None  # [Bw] their tokens
     ks: list[int]  # their top-k alternatives
     decode: TokenTexts | None = None  # fills Logprob.decoded_token
 
     def result(self) -> SamplerOutput:
-        logprobs: list[dict[int, Logprob] | None] = [None] * self.tokens.shape[0]
+        token_ids, *parts = self.copy.lists()
+        logprobs: list[dict[int, Logprob] | None] = [None] * len(token_ids)
         if self.want:
-            lps = token_logprobs(self.logprobs_of.log_softmax(-1), self.chosen, self.ks, self.decode)
-            for i, entry in zip(self.want, lps):
+            for i, entry in zip(self.want, logprob_dicts(parts, self.ks, self.decode)):
                 logprobs[i] = entry
-        return SamplerOutput(token_ids=self.tokens.tolist(), logprobs=logprobs)
+        return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
 
 
 class Sampler:
@@ -502,8 +512,9 @@ class Sampler:
             tokens[index] = _random_sample(sub, sub_rows, self.generator, self.race)
         want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         if not want:
-            return SampledTokens(tokens, want, None, None, [])
+            return SampledTokens(tokens, HostCopy([tokens]), want, [])
         index = to_device(want, raw.device)
+        ks = [rows[i].params.logprobs for i in want]
         # Logprobs are of the model's distribution (before penalties), like vLLM's default.
-        return SampledTokens(tokens, want, raw[index], tokens[index], [rows[i].params.logprobs for i in want],
-                             self.decode)
+        parts = logprob_tensors(raw[index].log_softmax(-1), tokens[index], max(ks))
+        return SampledTokens(tokens, HostCopy([tokens, *parts]), want, ks, self.decode)

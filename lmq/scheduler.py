@@ -1,7 +1,8 @@
 """Continuous batching: every step, decide which tokens of which sequences to compute.
 
-There is one rule for prefill and decode alike: a sequence has `num_tokens - num_computed`
-tokens left to compute (its prompt, a recompute after preemption, or the token just sampled),
+There is one rule for prefill and decode alike: a sequence has `num_tokens + num_pending -
+num_computed` tokens left to compute (its prompt, a recompute after preemption, or the token
+just sampled, which with async scheduling may still be on the device: `num_pending`),
 and each step spends a token budget on them. Running sequences go first, in arrival order;
 then waiting ones are admitted while budget, blocks and `max_num_seqs` allow. A prompt longer
 than the remaining budget is computed in chunks over several steps. When blocks run out, the
@@ -41,7 +42,7 @@ class ScheduledSeq:
     @property
     def samples(self) -> bool:
         """The chunk reaches the sequence's last token, so this step produces its next token."""
-        return self.start + self.num_new_tokens == self.seq.num_tokens
+        return self.start + self.num_new_tokens == self.seq.num_tokens + self.seq.num_pending
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,9 @@ class Scheduler:
         queue = deque(self.running)
         while queue and budget > 0:
             seq = queue.popleft()
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = min(seq.num_tokens + seq.num_pending - seq.num_computed_tokens, budget)
+            if n == 0:  # async scheduling: its last token is in flight and ends it (by length)
+                continue
             while not self.blocks.can_allocate(seq.seq_id, seq.num_computed_tokens + n):
                 victim = queue.pop() if queue else seq
                 self._preempt(victim)
@@ -128,6 +131,9 @@ class Scheduler:
             width = seq.params.n if seq.request.needs_fork else 1
             if len(self.running) + pending + width > self.config.max_num_seqs:
                 break
+            if seq.num_pending:  # preempted with a token still in flight: admitted once it is known
+                i += 1
+                continue
             if seq.adapter is not None and not self.adapters.can_activate(seq.adapter):
                 i += 1  # its adapter has no free slot or is still being read: others go first
                 continue
@@ -169,9 +175,11 @@ class Scheduler:
         self.num_preemptions += 1
 
     def on_step_done(self, batch: ScheduledBatch) -> None:
-        """Advance computed counts and register newly full blocks in the prefix cache."""
+        """Advance computed counts and register newly full blocks in the prefix cache (only
+        blocks of known tokens: a block holding a pending token is registered a step later)."""
         for s in batch.seqs:
             seq = s.seq
             seq.num_computed_tokens = s.start + s.num_new_tokens
             if seq.seq_id in self.blocks.tables:
-                self.blocks.cache_full_blocks(seq.seq_id, seq.key_token_ids, seq.num_computed_tokens, seq.cache_key)
+                known = min(seq.num_computed_tokens, seq.num_tokens)
+                self.blocks.cache_full_blocks(seq.seq_id, seq.key_token_ids, known, seq.cache_key)

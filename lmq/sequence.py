@@ -38,6 +38,9 @@ class Sequence:
     token_ids: list[int]
     num_prompt_tokens: int
     num_computed_tokens: int = 0
+    # Tokens a step still in flight samples for this sequence, not yet in `token_ids` (async
+    # scheduling: step n+1 computes the K/V of step n's token before the host has read it).
+    num_pending: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None

@@ -15,6 +15,10 @@ device and writes only what changed since the step that last saw it:
 A different list object (the sequence was preempted and re-admitted, or is a new fork) rewrites
 the whole row. Rows are freed when a sequence is preempted (`ScheduledBatch.preempted`) or ends
 (`release`).
+
+With async scheduling a sequence's last token may be one the step still in flight samples
+(`Sequence.num_pending`): its id is not on the host yet, so the step reads it on the device from
+that step's sampled tokens (`PendingTokens`), one gather after the single copy.
 """
 
 from __future__ import annotations
@@ -95,6 +99,15 @@ class BlockTable:
 
 
 @dataclass(frozen=True)
+class PendingTokens:
+    """The tokens a step still in flight samples: `tokens` [B] int64 on the device, and the row
+    of each sequence whose next token it is (by seq_id)."""
+
+    tokens: torch.Tensor
+    rows: dict[int, int]
+
+
+@dataclass(frozen=True)
 class BuiltStep:
     step: StepInput
     order: list[ScheduledSeq]  # the flat layout's sequences: decodes first, then prefills
@@ -113,7 +126,7 @@ class StepBuilder:
     def release(self, seq_id: int) -> None:
         self.blocks.release(seq_id)
 
-    def build(self, batch: ScheduledBatch) -> BuiltStep:
+    def build(self, batch: ScheduledBatch, pending: PendingTokens | None = None) -> BuiltStep:
         for seq in batch.preempted:
             self.blocks.release(seq.seq_id)
         decodes = [s for s in batch.seqs if s.num_new_tokens == 1]
@@ -126,8 +139,16 @@ class StepBuilder:
         seq_lens = [s.start + s.num_new_tokens for s in order]
         qstart = [0, *itertools.accumulate(qlens)]
         ids: list[int] = []
+        gather_at: list[int] = []  # flat rows whose token the step in flight samples ...
+        gather_from: list[int] = []  # ... and their rows in its sampled tokens
         for s in order:
-            ids.extend(s.seq.token_ids[s.start:s.start + s.num_new_tokens])
+            chunk = s.seq.token_ids[s.start:s.start + s.num_new_tokens]
+            if len(chunk) < s.num_new_tokens:  # the chunk ends at the pending token
+                assert pending is not None and len(chunk) == s.num_new_tokens - 1, "one token pending at most"
+                gather_at.append(len(ids) + len(chunk))
+                gather_from.append(pending.rows[s.seq.seq_id])
+                chunk.append(0)
+            ids.extend(chunk)
         where = {id(s): q for s, q in zip(order, qstart)}
         logit_rows = [where[id(s)] + s.num_new_tokens - 1 for s in batch.seqs if s.samples]
         num_sample = len(logit_rows)
@@ -140,11 +161,14 @@ class StepBuilder:
         img_rows, img_feats = self._image_rows(order, qstart)
         # One host-to-device copy for all of the step's index arrays (each copy has a fixed cost);
         # query_start and seq_lens sit side by side to become int32 in one op.
-        arrays = [qstart, seq_lens, ids, starts, rows, logit_rows, seq_slots, adapter_rows, img_rows, writes, values]
+        arrays = [qstart, seq_lens, ids, starts, rows, logit_rows, seq_slots, adapter_rows, img_rows, writes, values,
+                  gather_at, gather_from]
         packed, parts = self._to_device(arrays)
         head = packed[:2 * len(order) + 1].int()
         qstart_t, seq_lens_t = head[:len(order) + 1], head[len(order) + 1:]  # [B + 1], [B]
-        ids_t, starts_t, rows_t, logit_t, seq_slots_t, adapter_t, img_t, writes_t, values_t = parts[2:]
+        ids_t, starts_t, rows_t, logit_t, seq_slots_t, adapter_t, img_t, writes_t, values_t = parts[2:11]
+        if gather_at:
+            ids_t[parts[11]] = pending.tokens[parts[12]]  # [P]: the tokens the step in flight samples
         if writes:
             self.blocks.apply(writes_t, values_t)
         nb = blocks_for(max(seq_lens), self.block_size)

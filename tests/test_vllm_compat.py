@@ -346,14 +346,15 @@ def test_cli_vllm_aliases_parse_to_the_same_config(base):
         "--lora-modules", "a=/ckpt/a", '{"name": "b", "path": "/ckpt/b"}', "--no-enable-prefix-caching",
         "--enforce-eager", "--seed", "5", "--api-key", "k1", "--max-model-len", "256",
         "--gpu-memory-utilization", "0.5", "--max-num-seqs", "7", "--max-num-batched-tokens", "64", "--dtype", "half",
-        "--served-model-name", "m", "--tensor-parallel-size", "1"])
+        "--served-model-name", "m", "--tensor-parallel-size", "1", "--async-scheduling"])
     own_args, own = _config_of(common + [
         "--adapters", "a=/ckpt/a", "b=/ckpt/b", "--no-prefix-caching", "--seed", "5", "--api-keys", "k1",
         "--max-model-len", "256", "--gpu-memory-utilization", "0.5", "--max-num-seqs", "7",
-        "--max-num-batched-tokens", "64", "--dtype", "float16", "--served-model-name", "m"])
+        "--max-num-batched-tokens", "64", "--dtype", "float16", "--served-model-name", "m", "--async-scheduling"])
     own = build_engine_config(str(base), **{**_engine_options(own_args), "enable_cuda_graph": False})
     assert vllm == own
     assert (vllm.enable_cuda_graph, vllm.seed, vllm.cache.enable_prefix_caching) == (False, 5, False)
+    assert vllm.scheduler.async_scheduling and not _config_of(common)[1].scheduler.async_scheduling
     assert (vllm_args.adapters, vllm_args.api_keys, vllm_args.served_model_name) == \
         (own_args.adapters, own_args.api_keys, own_args.served_model_name) == ([("a", "/ckpt/a"), ("b", "/ckpt/b")],
                                                                             "k1", "m")
@@ -389,7 +390,7 @@ def test_help_shows_the_vllm_names(capsys):
         text = _help(command, capsys)
         for flag in ("--tokenizer", "--chat-template", "--seed", "--enforce-eager", "--enable-prefix-caching",
                      "--no-enable-prefix-caching", "--max-model-len", "--gpu-memory-utilization", "--max-num-seqs",
-                     "--max-num-batched-tokens", "--dtype", "--tensor-parallel-size"):
+                     "--max-num-batched-tokens", "--dtype", "--tensor-parallel-size", "--async-scheduling"):
             assert flag in text, (command, flag)
     serve = _help("serve", capsys)
     for flag in ("--lora-modules", "--api-key", "--served-model-name", "--host", "--port", "--enable-lora",

@@ -1,0 +1,187 @@
+"""Async scheduling (vLLM's --async-scheduling): step n+1 is scheduled and launched before step n
+is read back, its input token read on the device from step n's samples. The outputs are those
+of the synchronous engine, token for token, through stops, aborts, preemption and the paths
+that must stay synchronous (grammars, penalties, forks)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import replace
+
+import pytest
+from schema_fixtures import random_schema, value_end_bias
+
+from conftest import PROMPTS, SEED, plain_piece, random_prompts, wait_for
+from lmq import LLM, SamplingParams
+from lmq.async_engine import AsyncEngine
+from lmq.llm import build_engine_config
+from lmq.structured import GuidedDecodingParams
+
+OPTS = dict(device="cpu", dtype="float32", block_size=8, max_num_batched_tokens=64, max_model_len=256)
+
+
+def _pair(folder, **kw) -> tuple[LLM, LLM]:
+    return LLM(str(folder), **OPTS, **kw), LLM(str(folder), async_scheduling=True, **OPTS, **kw)
+
+
+def _count_gathers(llm: LLM) -> list[int]:
+    """Counts, per step built, the sequences whose input token was read from the step in flight."""
+    counts: list[int] = []
+    build = llm.engine.builder.build
+
+    def spy(batch, pending=None):
+        counts.append(sum(1 for s in batch.seqs if s.seq.num_pending))
+        return build(batch, pending)
+
+    llm.engine.builder.build = spy
+    return counts
+
+
+def _idle(llm: LLM) -> None:
+    eng = llm.engine
+    eng.block_manager.check_integrity()
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+    assert not eng.scheduler.running and not eng.scheduler.waiting and not eng.has_unfinished()
+
+
+def _same(a, b) -> None:
+    for x, y in zip(a, b, strict=True):
+        assert len(x.outputs) == len(y.outputs)
+        for cx, cy in zip(x.outputs, y.outputs):
+            assert (cx.token_ids, cx.text, cx.finish_reason, cx.stop_reason) == \
+                   (cy.token_ids, cy.text, cy.finish_reason, cy.stop_reason)
+            assert (cx.logprobs is None) == (cy.logprobs is None)
+            for lx, ly in zip(cx.logprobs or [], cy.logprobs or []):
+                assert lx.keys() == ly.keys()
+                assert all(abs(lx[t].logprob - ly[t].logprob) < 1e-4 for t in lx)
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_models) -> tuple[LLM, LLM]:
+    return _pair(tiny_models["llama"], num_kv_blocks=200)
+
+
+def test_outputs_equal_the_synchronous_engine(pair):
+    """Greedy and seeded sampling, stop tokens and stop strings hit while the next step is in
+    flight, logprobs, max_tokens 1, chunked prefills joining decodes: the same outputs."""
+    sync, fast = pair
+    prompts = random_prompts(10, [5, 70, 12, 130, 9, 33], seed=51)
+    greedy = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    free = sync.generate(prompts, greedy)
+    rng = random.Random(SEED)
+    params = []
+    for i, out in enumerate(free):
+        ids, text = out.outputs[0].token_ids, out.outputs[0].text
+        kind = i % 5
+        if kind == 0:  # a stop token from the middle of the greedy output
+            params.append(replace(greedy, stop_token_ids=(ids[rng.randrange(3, 20)],)))
+        elif kind == 1:
+            params.append(SamplingParams(temperature=0.9, top_p=0.9, seed=rng.randrange(1000), max_tokens=25,
+                                         ignore_eos=True, logprobs=2))
+        elif kind == 2 and (piece := plain_piece(text[len(text) // 3:], 2)):
+            params.append(replace(greedy, stop=(piece,)))
+        elif kind == 3:
+            params.append(replace(greedy, max_tokens=1 + i % 2))
+        else:
+            params.append(replace(greedy, max_tokens=17, logprobs=1))
+    gathers = _count_gathers(fast)
+    _same(sync.generate(prompts, params), fast.generate(prompts, params))
+    assert sum(gathers) > 50  # the async path ran: most decodes read their token on the device
+    fast.engine.step()  # the step launched after the last request ended computes nothing kept
+    _idle(sync), _idle(fast)
+
+
+def test_synchronous_paths_still_match(pair):
+    """Penalties, min_tokens, n > 1 forks and a grammar need the host's tokens before the next
+    step: those steps are finished first, and everyone's outputs stay the same."""
+    sync, fast = pair
+    prompts = random_prompts(6, [8, 40, 15], seed=52)
+    schema = random_schema(random.Random(SEED))
+    base = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    params = [replace(base, repetition_penalty=1.3, presence_penalty=0.5),
+              replace(base, min_tokens=10, stop_token_ids=(prompts[1][0],), ignore_eos=False),
+              SamplingParams(temperature=0.8, seed=5, n=3, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=1.0, seed=9, max_tokens=200, logit_bias=value_end_bias(sync.tokenizer.encode),
+                             guided_decoding=GuidedDecodingParams(json=schema)),
+              base, replace(base, max_tokens=33)]
+    _same(sync.generate(prompts, params), fast.generate(prompts, params))
+    fast.engine.step()
+    _idle(sync), _idle(fast)
+
+
+def test_preemption_and_prefix_cache_hits_while_tokens_are_pending(tiny_models):
+    """A cache too small for the batch preempts sequences that have a token in flight; a repeated
+    prompt is served from the prefix cache. Outputs and hit counts match the synchronous engine."""
+    sync, fast = _pair(tiny_models["llama"], num_kv_blocks=40)
+    prompts = random_prompts(8, [30, 45, 20], seed=53)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    gathers = _count_gathers(fast)
+    _same(sync.generate(prompts, params), fast.generate(prompts, params))
+    assert fast.engine.scheduler.num_preemptions > 0 and sum(gathers) > 0
+    first = [llm.generate(prompts[:3], params) for llm in (sync, fast)]  # 3 fit: nothing is evicted
+    _same(*first)
+    again = [p + o.outputs[0].token_ids[:16] for p, o in zip(prompts[:3], first[0])]
+    before = [llm.engine.block_manager.prefix_hits for llm in (sync, fast)]
+    _same(sync.generate(again, params), fast.generate(again, params))
+    hits = [llm.engine.block_manager.prefix_hits - b for llm, b in zip((sync, fast), before)]
+    assert hits[0] == hits[1] > 0
+    fast.engine.step()
+    _idle(sync), _idle(fast)
+
+
+def test_abort_with_a_token_in_flight_frees_everything(pair):
+    sync, fast = pair
+    eng = fast.engine
+    prompts = random_prompts(4, [12, 50, 7], seed=54)
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    expected = sync.generate(prompts, params)
+    for i, p in enumerate(prompts):
+        eng.add_request(f"x{i}", p, params)
+    outs = {}
+    for _ in range(8):
+        outs.update((o.request_id, o) for o in eng.step() if o.finished)
+    assert eng.in_flight is not None and eng.in_flight.pended  # x1's token is on the device
+    aborted = eng.abort("x1").outputs[0]
+    while eng.has_unfinished() or eng.in_flight is not None:
+        outs.update((o.request_id, o) for o in eng.step() if o.finished)
+    assert aborted.finish_reason == "abort"
+    assert aborted.token_ids == expected[1].outputs[0].token_ids[:len(aborted.token_ids)]
+    for i in (0, 2, 3):
+        assert outs[f"x{i}"].outputs[0].token_ids == expected[i].outputs[0].token_ids
+    _idle(fast)
+
+
+def test_engine_process_with_async_scheduling(tiny_models, pair):
+    """The engine core's own loop (the server's): the same outputs, an abort mid-stream, and
+    every block back in the pool afterwards."""
+    sync, _ = pair
+    prompts = [sync.tokenizer.encode(t) for t in PROMPTS[:4]]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    expected = sync.generate(prompts, params)
+    engine = AsyncEngine(build_engine_config(str(tiny_models["llama"]), async_scheduling=True, **OPTS))
+
+    async def one(i):
+        return [out async for out in engine.add_request(f"s{i}", prompts[i], params)][-1]
+
+    async def cut():
+        outs = []
+        async for out in engine.add_request("cut", prompts[0], replace(params, max_tokens=200)):
+            outs.append(out)
+            if len(out.outputs[0].token_ids) >= 5 and not out.finished:
+                engine.abort("cut")
+        return outs[-1]
+
+    async def main():
+        return await asyncio.gather(*(one(i) for i in range(4)), cut())
+
+    try:
+        *outs, last = asyncio.run(main())
+        for out, want in zip(outs, expected):
+            assert out.outputs[0].token_ids == want.outputs[0].token_ids
+        got = last.outputs[0]
+        assert got.finish_reason == "abort" and 5 <= len(got.token_ids) < 200
+        wait_for(lambda: engine.stats().num_running == 0 and engine.stats().num_free_blocks ==
+                 engine.stats().num_blocks, "the engine is idle with every block free")
+    finally:
+        engine.shutdown()
