@@ -8,7 +8,8 @@ Random weights in the Llama-3.2-1B or Llama-3-8B shape, bf16. Reported:
 - decode tok/s of each engine at each batch size, decode steps only: the time of a run of
   output_len tokens minus that of a run of one token, over batch * (output_len - 1) tokens;
   `--backends ... hf` adds transformers' `generate` (greedy, equal-length prompts so no padding,
-  same weights, its default dynamic cache) measured the same way;
+  same weights, its default dynamic cache) measured the same way; `NAME-async` backends run
+  with --async-scheduling, and `async_over_sync` compares them with the same engine without;
 - batch-1 decode against the roofline: (weight bytes + KV bytes read per step) / copy bandwidth;
 - decode attention alone at batch 64 x 4,096 context (32 / 8 heads, head_dim 128): K and V
   bytes / kernel time, as a share of the copy bandwidth;
@@ -180,7 +181,7 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--backends", nargs="+", default=["turbomind", "pytorch"],
-                    help="lmq backends, and hf for transformers' generate")
+                    help="lmq backends (NAME-async: with --async-scheduling), and hf for transformers' generate")
     ap.add_argument("--skip-attention", action="store_true")
     ap.add_argument("--awq", action="store_true", help="also batch-1 decode of an AWQ copy on turbomind")
     ap.add_argument("--json", default=None)
@@ -202,8 +203,9 @@ def main() -> None:
             gc.collect()
             torch.cuda.empty_cache()
             continue
-        llm = LLM(str(model_dir), device="cuda", dtype=dtype, backend=backend.removesuffix("-awq"),
-                  gpu_memory_utilization=0.4,
+        llm = LLM(str(model_dir), device="cuda", dtype=dtype,
+                  backend=backend.removesuffix("-awq").removesuffix("-async"),
+                  async_scheduling=backend.endswith("-async"), gpu_memory_utilization=0.4,
                   max_model_len=args.input_len + args.output_len + 16, max_num_seqs=max(args.batch_sizes))
         step_weights = weight_bytes(llm)
         kv_per_token = llm.engine.config.model.kv_bytes_per_token
@@ -227,6 +229,8 @@ def main() -> None:
                                         if ("turbomind", b) in by and ("pytorch", b) in by}
     result["turbomind_over_hf"] = {b: by[("turbomind", b)] / by[("hf", b)] for b in args.batch_sizes
                                    if ("turbomind", b) in by and ("hf", b) in by}
+    result["async_over_sync"] = {f"{e}@{b}": by[(f"{e}-async", b)] / by[(e, b)] for e in ("turbomind", "pytorch")
+                                 for b in args.batch_sizes if (e, b) in by and (f"{e}-async", b) in by}
     if not args.skip_attention:
         result["decode_attention"] = attention_alone(bandwidth)
     print(json.dumps(result, indent=1))
