@@ -10,6 +10,7 @@ the output (|x| < 4 here: 2^-9 and 2^-6 relative, a little more near softmax's e
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -272,12 +273,13 @@ def wide_models(tmp_path_factory) -> dict[str, object]:
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3"])
 def test_float32_greedy_identical_to_transformers(wide_models, arch):
-    """Graphs and eager, chunked prefill (a budget of 64 tokens) and prefix-cache hits (each prompt
-    twice): every token equals transformers' float32 greedy."""
+    """Graphs and eager, chunked prefill (a budget of 64 tokens), prefix-cache hits (each prompt
+    twice) and async scheduling: every token equals transformers' float32 greedy."""
     prompts = random_prompts(6, [1, 9, 64, 150, 300, 77], seed=3)
     expected = hf_greedy(wide_models[arch], prompts, 24, torch.float32, "cuda")
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
-    for opts in ({}, {"enforce_eager": True}, {"max_num_batched_tokens": 64, "enable_prefix_caching": True}):
+    for opts in ({}, {"enforce_eager": True}, {"max_num_batched_tokens": 64, "enable_prefix_caching": True},
+                 {"async_scheduling": True, "max_num_batched_tokens": 64}):
         llm = LLM(str(wide_models[arch]), device="cuda", dtype="float32", backend="turbomind",
                   gpu_memory_utilization=0.2, **opts)
         assert llm.engine.config.backend == "turbomind"
@@ -286,6 +288,28 @@ def test_float32_greedy_identical_to_transformers(wide_models, arch):
             assert got == expected, (arch, opts)
         del llm
         torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("backend", ["turbomind", "pytorch"])
+def test_async_scheduling_on_cuda_equals_synchronous(wide_models, backend):
+    """On the GPU the step in flight really overlaps: seeded sampling, logprobs (read back from
+    pinned copies behind their own step) and stop tokens equal the synchronous engine's."""
+    prompts = random_prompts(8, [5, 40, 130, 17], seed=5)
+    greedy = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    params = [replace(greedy, logprobs=3), *[replace(greedy, temperature=0.9, top_k=20, seed=11 + i, logprobs=1)
+                                             for i in range(3)], *[greedy] * 4]
+    outs = []
+    for opts in ({}, {"async_scheduling": True}):
+        llm = LLM(str(wide_models["llama"]), device="cuda", dtype="float32", backend=backend,
+                  gpu_memory_utilization=0.2, **opts)
+        outs.append(llm.generate(prompts, params))
+        del llm
+        torch.cuda.empty_cache()
+    for a, b in zip(*outs, strict=True):
+        x, y = a.outputs[0], b.outputs[0]
+        assert x.token_ids == y.token_ids
+        for lx, ly in zip(x.logprobs or [], y.logprobs or [], strict=True):
+            assert lx.keys() == ly.keys() and all(abs(lx[t].logprob - ly[t].logprob) < 1e-4 for t in lx)
 
 
 def test_float32_mixed_adapters_identical_to_peft(wide_models, tmp_path):
