@@ -319,13 +319,15 @@ class LLMEngine:
             return self.outputs(aborted + self.finish_step(self.launch_step()))
         done: list[Request] = []
         prev, self.in_flight = self.in_flight, None
-        if prev is not None and not prev.overlaps:  # the next step needs its tokens on the host
-            done += self.finish_step(prev)
-            prev = None
-        if self.has_unfinished():
-            self.in_flight = self.launch_step()
-        if prev is not None:
-            done += self.finish_step(prev)
+        try:
+            if prev is not None and not prev.overlaps:  # the next step needs its tokens on the host
+                done += self.finish_step(prev)
+                prev = None
+            if self.has_unfinished():
+                self.in_flight = self.launch_step()
+        finally:  # also when the launch fails: the tokens in flight are appended, none left pending
+            if prev is not None:
+                done += self.finish_step(prev)
         return self.outputs(aborted + done)
 
     def launch_step(self) -> StepInFlight:
@@ -353,7 +355,8 @@ class LLMEngine:
         for s, n in built.prompt_rows:
             prompt_logits.append((s, out.prompt_logits[k:k + n]))
             k += n
-        pended = self._pend(seqs, forks) if self.config.scheduler.async_scheduling else None
+        # Prompt logprobs are read back in `finish_step` (their step is a prefill): kept synchronous.
+        pended = self._pend(seqs, forks or bool(prompt_logits)) if self.config.scheduler.async_scheduling else None
         self._pending = None
         if pended:
             for seq in pended:
@@ -362,12 +365,12 @@ class LLMEngine:
             self._pending = PendingTokens(sampled.tokens, {seq.seq_id: rows[seq.seq_id] for seq in pended})
         return StepInFlight(batch, seqs, sampled, prompt_logits, pended or [], pended is not None)
 
-    def _pend(self, seqs: list[Sequence], forks: bool) -> list[Sequence] | None:
+    def _pend(self, seqs: list[Sequence], synchronous: bool) -> list[Sequence] | None:
         """Async scheduling: the sampled sequences the next step may compute before this step's
         tokens reach the host (all but those certain to end by length), or None when one of them
         needs its token on the host first: a grammar's next mask, penalties, min_tokens and bad
-        words read the output so far; a request forking its samples is left to the simple path."""
-        if forks:
+        words read the output so far; `synchronous`: the step forks samples or has prompt logprobs."""
+        if synchronous:
             return None
         pended = []
         for seq in seqs:
@@ -385,9 +388,9 @@ class LLMEngine:
         sequences here, and finished requests leave the engine). Returns the requests the step
         changed, for `outputs`."""
         touched = step.touched
-        sampled = step.sampled.result() if step.sampled is not None else None
-        for seq in step.pended:
+        for seq in step.pended:  # first: also when reading the step back fails
             seq.num_pending -= 1
+        sampled = step.sampled.result() if step.sampled is not None else None
         for s, logits in step.prompt_logits:
             if not s.seq.is_finished:
                 self._prompt_logprobs(s.start, s.seq, logits)
@@ -486,6 +489,8 @@ class LLMEngine:
 
     def _append(self, seq: Sequence, token: int, logprobs: dict | None) -> None:
         seq.token_ids.append(token)
+        if seq.num_computed_tokens >= seq.num_tokens:  # async: the next step already computed its K/V
+            self.scheduler.cache_computed(seq)
         if logprobs is not None:
             seq.logprobs.append(logprobs)
         p = seq.params

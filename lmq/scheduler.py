@@ -178,8 +178,11 @@ class Scheduler:
         """Advance computed counts and register newly full blocks in the prefix cache (only
         blocks of known tokens: a block holding a pending token is registered a step later)."""
         for s in batch.seqs:
-            seq = s.seq
-            seq.num_computed_tokens = s.start + s.num_new_tokens
-            if seq.seq_id in self.blocks.tables:
-                known = min(seq.num_computed_tokens, seq.num_tokens)
-                self.blocks.cache_full_blocks(seq.seq_id, seq.key_token_ids, known, seq.cache_key)
+            s.seq.num_computed_tokens = s.start + s.num_new_tokens
+            self.cache_computed(s.seq)
+
+    def cache_computed(self, seq: Sequence) -> None:
+        """Register the sequence's full blocks of computed, known tokens in the prefix cache."""
+        if seq.seq_id in self.blocks.tables:
+            known = min(seq.num_computed_tokens, seq.num_tokens)
+            self.blocks.cache_full_blocks(seq.seq_id, seq.key_token_ids, known, seq.cache_key)

@@ -33,7 +33,7 @@ class HostCopy:
             h.copy_(t, non_blocking=True)
             self.host.append(h)
         self.event = torch.cuda.Event()
-        self.event.record()
+        self.event.record(torch.cuda.current_stream(tensors[0].device))  # that device's, not the current one's
 
     def lists(self) -> list[list]:
         if self.event is not None:

@@ -92,20 +92,60 @@ def test_outputs_equal_the_synchronous_engine(pair):
     _idle(sync), _idle(fast)
 
 
-def test_synchronous_paths_still_match(pair):
-    """Penalties, min_tokens, n > 1 forks and a grammar need the host's tokens before the next
-    step: those steps are finished first, and everyone's outputs stay the same."""
-    sync, fast = pair
-    prompts = random_prompts(6, [8, 40, 15], seed=52)
-    schema = random_schema(random.Random(SEED))
+def _sync_only(kind: str, llm: LLM, prompt: list[int]) -> SamplingParams:
     base = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
-    params = [replace(base, repetition_penalty=1.3, presence_penalty=0.5),
-              replace(base, min_tokens=10, stop_token_ids=(prompts[1][0],), ignore_eos=False),
-              SamplingParams(temperature=0.8, seed=5, n=3, max_tokens=12, ignore_eos=True),
-              SamplingParams(temperature=1.0, seed=9, max_tokens=200, logit_bias=value_end_bias(sync.tokenizer.encode),
-                             guided_decoding=GuidedDecodingParams(json=schema)),
-              base, replace(base, max_tokens=33)]
-    _same(sync.generate(prompts, params), fast.generate(prompts, params))
+    if kind == "penalties":
+        return replace(base, repetition_penalty=1.3, presence_penalty=0.5)
+    if kind == "min_tokens":
+        return replace(base, min_tokens=10, stop_token_ids=(prompt[0],), ignore_eos=False)
+    if kind == "bad_words":
+        return replace(base, bad_words=[llm.tokenizer.decode(prompt[:1])])
+    return SamplingParams(temperature=1.0, seed=9, max_tokens=200, logit_bias=value_end_bias(llm.tokenizer.encode),
+                          guided_decoding=GuidedDecodingParams(json=random_schema(random.Random(SEED))))
+
+
+@pytest.mark.parametrize("kind", ["penalties", "min_tokens", "bad_words", "grammar"])
+def test_a_request_that_reads_its_tokens_on_the_host_keeps_steps_synchronous(pair, kind):
+    """Penalties, min_tokens, bad words and a grammar read the output so far before each step:
+    no step with such a request in it reads a token from the step in flight, and everyone's
+    outputs stay those of the synchronous engine (the plain requests pend once it is done)."""
+    sync, fast = pair
+    prompts = random_prompts(4, [8, 40, 15], seed=52)
+    base = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    params = [_sync_only(kind, sync, prompts[0]), base, replace(base, max_tokens=60), replace(base, logprobs=2)]
+    builds: list[tuple[bool, bool]] = []  # (the request is in the step, a token is read from the step in flight)
+    build = fast.engine.builder.build
+
+    def spy(batch, pending=None):
+        builds.append((any(s.seq.prompt_token_ids == prompts[0] for s in batch.seqs),
+                       any(s.seq.num_pending for s in batch.seqs)))
+        return build(batch, pending)
+
+    fast.engine.builder.build = spy
+    try:
+        _same(sync.generate(prompts, params), fast.generate(prompts, params))
+    finally:
+        fast.engine.builder.build = build
+    assert any(held for held, _ in builds) and not any(held and read for held, read in builds)
+    assert any(read for held, read in builds if not held)  # the others pend once it is done
+    fast.engine.step()
+    _idle(sync), _idle(fast)
+
+
+@pytest.mark.parametrize("kind", ["fork", "prompt_logprobs"])
+def test_forks_and_prompt_logprobs_match(pair, kind):
+    """The step that forks n samples, or reads prompt logprobs back, is finished before the next."""
+    sync, fast = pair
+    prompts = random_prompts(4, [8, 40, 15], seed=55)
+    base = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    first = SamplingParams(temperature=0.8, seed=5, n=3, max_tokens=12, ignore_eos=True) if kind == "fork" else \
+        replace(base, prompt_logprobs=2, logprobs=1)
+    params = [first, base, replace(base, max_tokens=33), base]
+    a, b = sync.generate(prompts, params), fast.generate(prompts, params)
+    _same(a, b)
+    if kind == "prompt_logprobs":
+        for x, y in zip(a[0].prompt_logprobs[1:], b[0].prompt_logprobs[1:], strict=True):
+            assert x.keys() == y.keys() and all(abs(x[t].logprob - y[t].logprob) < 1e-4 for t in x)
     fast.engine.step()
     _idle(sync), _idle(fast)
 
@@ -141,7 +181,7 @@ def test_abort_with_a_token_in_flight_frees_everything(pair):
     outs = {}
     for _ in range(8):
         outs.update((o.request_id, o) for o in eng.step() if o.finished)
-    assert eng.in_flight is not None and eng.in_flight.pended  # x1's token is on the device
+    assert any(s.request.request_id == "x1" for s in eng.in_flight.pended)  # x1's token is on the device
     aborted = eng.abort("x1").outputs[0]
     while eng.has_unfinished() or eng.in_flight is not None:
         outs.update((o.request_id, o) for o in eng.step() if o.finished)
