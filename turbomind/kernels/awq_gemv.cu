@@ -36,10 +36,13 @@ __global__ void __launch_bounds__(COLS * KS) awq_gemv(float* __restrict__ ws, co
   if (c < packed_cols) {
     const long long g = i0 / group;
     const unsigned zp = static_cast<unsigned>(qzeros[g * packed_cols + c]);
+    // 2^23 + z: a nibble q ORed into the mantissa of 2^23 is the float 2^23 + q exactly, so
+    // (2^23 + q) - (2^23 + z) = q - z with no int-to-float conversion (16 per clock per SM on an
+    // H100, against 64+ for the OR and the subtract; 8 per packed word made them the limit)
     float zf[8], sf[8];
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
-      zf[k] = float((zp >> (4 * k)) & 0xF);
+      zf[k] = 8388608.f + float((zp >> (4 * k)) & 0xF);
       sf[k] = __half2float(scales[g * out + 8 * c + ORDER[k]]);
     }
     // LOADS packed words in flight per thread: all issued before any is used (one at a time, the
@@ -56,7 +59,7 @@ __global__ void __launch_bounds__(COLS * KS) awq_gemv(float* __restrict__ ws, co
         if (j0 + u >= per_thread) break;
         float wf[8];
 #pragma unroll
-        for (int k = 0; k < 8; ++k) wf[k] = float((words[u] >> (4 * k)) & 0xF) - zf[k];
+        for (int k = 0; k < 8; ++k) wf[k] = __uint_as_float(0x4B000000u | ((words[u] >> (4 * k)) & 0xFu)) - zf[k];
 #pragma unroll
         for (int m = 0; m < MMAX; ++m) {
           if (m < m_rows) {
