@@ -22,7 +22,8 @@ NULL = np.uint64(0)  # a null pointer argument
 i64 = np.int64  # a `long long` argument (plain ints are passed as int32)
 
 INSTANTIATIONS: dict[str, tuple[str, ...]] = {
-    "norm.cu": tuple(f"rms_norm<{t}>" for t in CTYPES.values()),
+    "norm.cu": tuple(f"rms_norm<{t}>" for t in CTYPES.values())
+    + tuple(f"rms_norm_vec<{t}, {v}>" for t in CTYPES.values() for v in (1, 2, 4)),
     "activation.cu": tuple(f"silu_and_mul<{t}>" for t in CTYPES.values()),
     "rotary_kv.cu": tuple(f"rotary_write_kv<{t}>" for t in CTYPES.values()),
     "decode_attention.cu": tuple(f"decode_attention<{t}, {d}, {h}>" for t in CTYPES.values() for d in HEAD_DIMS

@@ -63,6 +63,19 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
+def _norm_vectors(x2: torch.Tensor, weight: torch.Tensor, res: torch.Tensor | None) -> int | None:
+    """rms_norm_vec's 16-byte vectors per thread for rows x2 [rows, n] (1, 2 or 4: at most 256,
+    256 and 1,024 threads), or None where its rules fail (n not a whole number of vectors,
+    rows or weight not 16-byte aligned, rows past 4,096 vectors) and rms_norm serves instead."""
+    size = x2.element_size()
+    n = x2.shape[1]
+    if (n * size) % 16 or (x2.stride(0) * size) % 16 or any(
+            p.data_ptr() % 16 for p in (x2, weight, *([res] if res is not None else []))):
+        return None
+    nv = n * size // 16
+    return 1 if nv <= 256 else 2 if nv <= 512 else 4 if nv <= 4096 else None
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """torch_engine.ops.rms_norm: (weight * norm(x (+ residual)), x (+ residual))."""
@@ -79,9 +92,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     else:
         res = new_res = NULL  # the kernel norms x alone
     if rows:
-        threads = 128 if n <= 512 else 256 if n <= 2048 else 512
-        launch("norm.cu", f"rms_norm<{t}>", x.device, (rows,), (threads,),
-               (out, new_res, x2, res, weight, n, i64(x2.stride(0)), float(eps)))
+        args = (out, new_res, x2, res, weight, n, i64(x2.stride(0)), float(eps))
+        if (vpt := _norm_vectors(x2, weight, res if residual is not None else None)) is not None:
+            nv = n * x.element_size() // 16
+            threads = -(-nv // vpt // 32) * 32
+            launch("norm.cu", f"rms_norm_vec<{t}, {vpt}>", x.device, (rows,), (threads,), args)
+        else:
+            threads = 128 if n <= 512 else 256 if n <= 2048 else 512
+            launch("norm.cu", f"rms_norm<{t}>", x.device, (rows,), (threads,), args)
     out = out.view(x.shape)
     return out, (new_res.view(x.shape) if residual is not None else x)
 
