@@ -12,7 +12,8 @@ Random weights in the Llama-3.2-1B or Llama-3-8B shape, bf16. Reported:
   with --async-scheduling, and `async_over_sync` compares them with the same engine without;
 - batch-1 decode against the roofline: (weight bytes + KV bytes read per step) / copy bandwidth;
 - decode attention alone at batch 64 x 4,096 context (32 / 8 heads, head_dim 128): K and V
-  bytes / kernel time, as a share of the copy bandwidth;
+  bytes / kernel time, as a share of the copy bandwidth; and at batch 1 x 192 keys (the 1B
+  shape) for each split-K threshold (MIN_SPLIT_TOKENS), to choose it;
 - with --awq: the same model round-to-nearest quantized to an AutoAWQ GEMM checkpoint (group
   128, float16 activations), batch-1 decode on turbomind against the bf16 model's (issue 13).
 """
@@ -173,6 +174,43 @@ def attention_alone(bandwidth: float) -> dict:
             "share_of_copy_bandwidth": kv_bytes / sec / bandwidth}
 
 
+def short_context_splits(ctx: int = 192, calls: int = 50) -> dict[int, float]:
+    """Batch-1 decode attention over `ctx` keys in the 1B shape (32 / 8 heads, head_dim 64, blocks
+    of 16) for each turbomind.ops.MIN_SPLIT_TOKENS: us per call (the split reduce included),
+    from a CUDA graph of `calls` calls, so the host's launch gaps are not counted."""
+    from turbomind import ops
+
+    h, hkv, d, bs = 32, 8, 64, 16
+    nb = -(-ctx // bs)
+    g = torch.Generator("cuda").manual_seed(1)
+    kc = torch.randn(nb, bs, hkv, d, device="cuda", generator=g).to(torch.bfloat16)
+    vc = torch.randn_like(kc)
+    tables = torch.arange(nb, device="cuda", dtype=torch.int32)[None]
+    lens = torch.full((1,), ctx, dtype=torch.int32, device="cuda")
+    q = torch.randn(1, h, d, device="cuda", generator=g).to(torch.bfloat16)
+    out = torch.empty_like(q)
+    default, times = ops.MIN_SPLIT_TOKENS, {}
+    try:
+        for min_split in (256, 128, 64, 32):
+            ops.MIN_SPLIT_TOKENS = min_split
+            ops.decode_attention(q, kc, vc, tables, lens, d ** -0.5, None, out)  # compiled outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(calls):
+                    ops.decode_attention(q, kc, vc, tables, lens, d ** -0.5, None, out)
+            graph.replay()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(5):
+                graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            times[min_split] = start.elapsed_time(end) * 1e3 / (5 * calls)
+    finally:
+        ops.MIN_SPLIT_TOKENS = default
+    return times
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=list(SHAPES), default="1b")
@@ -233,6 +271,7 @@ def main() -> None:
                                  for b in args.batch_sizes if (e, b) in by and (f"{e}-async", b) in by}
     if not args.skip_attention:
         result["decode_attention"] = attention_alone(bandwidth)
+        result["batch1_attention_us_by_min_split_tokens"] = short_context_splits()
     print(json.dumps(result, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
