@@ -98,8 +98,10 @@ def _sync_only(kind: str, llm: LLM, prompt: list[int]) -> SamplingParams:
         return replace(base, repetition_penalty=1.3, presence_penalty=0.5)
     if kind == "min_tokens":
         return replace(base, min_tokens=10, stop_token_ids=(prompt[0],), ignore_eos=False)
-    if kind == "bad_words":
-        return replace(base, bad_words=[llm.tokenizer.decode(prompt[:1])])
+    if kind == "bad_words":  # a word of its own greedy output, so the ban bites
+        text = llm.generate(prompt, base, use_tqdm=False)[0].outputs[0].text
+        words = [w for w in (plain_piece(text, 2), *(llm.tokenizer.decode([t]) for t in range(3, 300))) if w]
+        return replace(base, bad_words=[next(w for w in words if w.strip() and w.isascii() and w.isprintable())])
     return SamplingParams(temperature=1.0, seed=9, max_tokens=200, logit_bias=value_end_bias(llm.tokenizer.encode),
                           guided_decoding=GuidedDecodingParams(json=random_schema(random.Random(SEED))))
 
