@@ -40,7 +40,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, what: str) -> N
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows, n", [(1, 64), (7, 2048), (33, 4096), (130, 1000), (2, 16384), (3, 1001), (2, 40000)])
+@pytest.mark.parametrize("rows, n", [(1, 64), (7, 2048), (33, 4096), (130, 1000), (2, 16384), (1, 32768), (3, 1001)])
 def test_rms_norm(tm, dtype, rows, n):
     g = torch.Generator("cuda").manual_seed(SEED + rows)
     x = torch.randn(rows, n + 8, device="cuda", generator=g).to(dtype)[:, :n]  # a strided view

@@ -65,15 +65,15 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 def _norm_vectors(x2: torch.Tensor, weight: torch.Tensor, res: torch.Tensor | None) -> int | None:
     """rms_norm_vec's 16-byte vectors per thread for rows x2 [rows, n] (1, 2 or 4: at most 256,
-    256 and 1,024 threads), or None where its rules fail (n not a whole number of vectors,
-    rows or weight not 16-byte aligned, rows past 4,096 vectors) and rms_norm serves instead."""
+    256 and 512 threads), or None where its rules fail (n not a whole number of vectors, rows or
+    weight not 16-byte aligned, an empty row, rows past 2,048 vectors) and rms_norm serves instead."""
     size = x2.element_size()
     n = x2.shape[1]
-    if (n * size) % 16 or (x2.stride(0) * size) % 16 or any(
+    if not n or (n * size) % 16 or (x2.stride(0) * size) % 16 or any(
             p.data_ptr() % 16 for p in (x2, weight, *([res] if res is not None else []))):
         return None
     nv = n * size // 16
-    return 1 if nv <= 256 else 2 if nv <= 512 else 4 if nv <= 4096 else None
+    return 1 if nv <= 256 else 2 if nv <= 512 else 4 if nv <= 2048 else None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,

@@ -38,9 +38,10 @@ __global__ void rms_norm(T* out, T* new_res, const T* x, const T* res, const T* 
 // 16 bytes = E elements each) of x, the residual and the weight, all loaded before any is used,
 // so the row is read once (the kernel above reads it twice and waits a memory latency per pass:
 // about 7 us a call at batch 1 on an H100). Needs n % E == 0 and 16-byte aligned rows (x's
-// stride and base, and w), nv = n / E <= VPT * blockDim; blockDim a multiple of 32.
+// stride and base, and w), nv = n / E <= VPT * blockDim; blockDim a multiple of 32, at most 512
+// (VPT 4 in bf16 takes 80 registers a thread: 1,024 threads would not fit an SM's 64k).
 template <typename T, int VPT>
-__global__ void rms_norm_vec(T* out, T* new_res, const T* x, const T* res, const T* w, int n, long long x_stride,
+__global__ void __launch_bounds__(512) rms_norm_vec(T* out, T* new_res, const T* x, const T* res, const T* w, int n, long long x_stride,
                              float eps) {
   constexpr int E = 16 / sizeof(T);
   const long long row = blockIdx.x;
