@@ -26,6 +26,13 @@ def value_end_bias(encode: Callable[[str], list[int]], bias: float = 4.0) -> dic
     return {encode(c)[0]: bias for c in ('"', ",", "}", "]")}
 
 
+def object_end_bias(encode: Callable[[str], list[int]]) -> dict[int, float]:
+    """logit_bias for free-form JSON (json_object): there a `,` opens another member, so it is
+    disfavoured and the closers favoured. Over 240 random-model draws at temperature 1 the longest
+    object took 43 tokens (198 with +4 on `"` and +6 on the closers; 400+ with value_end_bias)."""
+    return {encode('"')[0]: 6.0, encode("}")[0]: 6.0, encode("]")[0]: 6.0, encode(",")[0]: -2.0}
+
+
 def random_schema(rng: random.Random, depth: int = 0) -> dict:
     """A JSON schema whose root is an object."""
     return _object(rng, depth)

@@ -16,7 +16,7 @@ import jsonschema
 import openai
 import pytest
 import torch
-from schema_fixtures import random_regex, random_schema, value_end_bias
+from schema_fixtures import object_end_bias, random_regex, random_schema, value_end_bias
 
 from conftest import SEED, random_prompts
 from lmq import LLM, SamplingParams
@@ -154,8 +154,9 @@ def test_choice_json_object_and_grammar(llm):
     choices = ["alpha", "beta gamma", 'quote "q"', "ünï"]
     ebnf = 'root ::= "(" [a-c]{1,3} ")" ("!" | "")'
     params = [_guided("choice", choices, seed=s) for s in range(6)]
-    # Unbounded strings: a bias towards closing them keeps a random model's objects short.
-    params += [_guided("json_object", True, seed=s, logit_bias=_ends(llm)) for s in range(4)]
+    # Unbounded strings and members: a bias towards closing them keeps a random model's objects short.
+    closers = object_end_bias(lambda t: llm.tokenizer.encode(t, add_special_tokens=False))
+    params += [_guided("json_object", True, seed=s, logit_bias=closers) for s in range(4)]
     params += [_guided("grammar", ebnf, seed=s) for s in range(4)]
     outs = llm.generate([[5, 6, 7]] * len(params), params)
     texts = [o.outputs[0].text for o in outs]
