@@ -136,6 +136,10 @@ def completion_job(req: CompletionRequest, route: Route) -> Job:
     if not prompts:
         raise APIError(400, "prompt is empty: at least 1 prompt is required", param="prompt")
     ids = [route.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in prompts]
+    vocab = route.engine.config.model.vocab_size
+    for x in ids:  # here, before `echo` decodes them (the tokenizer overflows on huge ids)
+        if bad := [t for t in x if not 0 <= t < vocab]:
+            raise APIError(400, f"prompt token id {bad[0]} is out of range [0, {vocab})", param="prompt")
     # echo with logprobs: the prompt's tokens come with theirs, so the engine computes them.
     echo_lps = {"prompt_logprobs": max(req.logprobs, req.prompt_logprobs or 0)} \
         if req.echo and req.logprobs is not None else {}
