@@ -4,13 +4,28 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+// The sum of every thread's v over the CTA, returned to all of them (blockDim a multiple of 32,
+// at most 1,024): warp shuffles, then the warps' sums through shared memory.
+__device__ float block_sum(float v) {
+  __shared__ float red[32];
+  for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    v = threadIdx.x < (blockDim.x >> 5) ? red[threadIdx.x] : 0.f;
+    for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    if (threadIdx.x == 0) red[0] = v;
+  }
+  __syncthreads();
+  return red[0];
+}
+
 template <typename T>
 __global__ void rms_norm(T* out, T* new_res, const T* x, const T* res, const T* w, int n, long long x_stride,
                          float eps) {
   // x: [rows, n] with row stride x_stride; res/out/new_res: contiguous [rows, n]
   const long long row = blockIdx.x;
   const T* xr = x + row * x_stride;
-  __shared__ float red[32];
   float ss = 0.f;
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     T h = res ? T(float(xr[i]) + float(res[row * n + i])) : xr[i];
@@ -18,16 +33,7 @@ __global__ void rms_norm(T* out, T* new_res, const T* x, const T* res, const T* 
     float f = float(h);
     ss += f * f;
   }
-  for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffff, ss, o);
-  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    ss = threadIdx.x < (blockDim.x >> 5) ? red[threadIdx.x] : 0.f;
-    for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffff, ss, o);
-    if (threadIdx.x == 0) red[0] = ss;
-  }
-  __syncthreads();
-  const float r = rsqrtf(red[0] / n + eps);
+  const float r = rsqrtf(block_sum(ss) / n + eps);
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     T h = res ? new_res[row * n + i] : xr[i];
     out[row * n + i] = T(float(w[i]) * float(T(float(h) * r)));
@@ -88,17 +94,7 @@ __global__ void __launch_bounds__(512) rms_norm_vec(T* out, T* new_res, const T*
       }
     }
   }
-  __shared__ float red[32];
-  for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffff, ss, o);
-  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    ss = threadIdx.x < (blockDim.x >> 5) ? red[threadIdx.x] : 0.f;
-    for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffff, ss, o);
-    if (threadIdx.x == 0) red[0] = ss;
-  }
-  __syncthreads();
-  const float rs = rsqrtf(red[0] / n + eps);
+  const float rs = rsqrtf(block_sum(ss) / n + eps);
 #pragma unroll
   for (int j = 0; j < VPT; ++j) {
     const int v = threadIdx.x + j * blockDim.x;
