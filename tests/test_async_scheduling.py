@@ -6,7 +6,9 @@ that must stay synchronous (grammars, penalties, forks)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
@@ -16,6 +18,7 @@ from conftest import PROMPTS, SEED, plain_piece, random_prompts, wait_for
 from lmq import LLM, SamplingParams
 from lmq.async_engine import AsyncEngine
 from lmq.llm import build_engine_config
+from lmq.sequence import Sequence
 from lmq.structured import GuidedDecodingParams
 
 OPTS = dict(device="cpu", dtype="float32", block_size=8, max_num_batched_tokens=64, max_model_len=256)
@@ -25,17 +28,26 @@ def _pair(folder, **kw) -> tuple[LLM, LLM]:
     return LLM(str(folder), **OPTS, **kw), LLM(str(folder), async_scheduling=True, **OPTS, **kw)
 
 
-def _count_gathers(llm: LLM) -> list[int]:
-    """Counts, per step built, the sequences whose input token was read from the step in flight."""
-    counts: list[int] = []
+@contextlib.contextmanager
+def _builds(llm: LLM) -> Iterator[list[list[tuple[Sequence, bool]]]]:
+    """Per step built inside the block: each scheduled sequence and whether its input token is
+    read from the step in flight."""
+    builds: list[list[tuple[Sequence, bool]]] = []
     build = llm.engine.builder.build
 
     def spy(batch, pending=None):
-        counts.append(sum(1 for s in batch.seqs if s.seq.num_pending))
+        builds.append([(s.seq, s.seq.num_pending > 0) for s in batch.seqs])
         return build(batch, pending)
 
     llm.engine.builder.build = spy
-    return counts
+    try:
+        yield builds
+    finally:
+        llm.engine.builder.build = build
+
+
+def _gathers(builds: list[list[tuple[Sequence, bool]]]) -> int:
+    return sum(read for step in builds for _, read in step)
 
 
 def _idle(llm: LLM) -> None:
@@ -85,9 +97,9 @@ def test_outputs_equal_the_synchronous_engine(pair):
             params.append(replace(greedy, max_tokens=1 + i % 2))
         else:
             params.append(replace(greedy, max_tokens=17, logprobs=1))
-    gathers = _count_gathers(fast)
-    _same(sync.generate(prompts, params), fast.generate(prompts, params))
-    assert sum(gathers) > 50  # the async path ran: most decodes read their token on the device
+    with _builds(fast) as builds:
+        _same(sync.generate(prompts, params), fast.generate(prompts, params))
+    assert _gathers(builds) > 50  # the async path ran: most decodes read their token on the device
     fast.engine.step()  # the step launched after the last request ended computes nothing kept
     _idle(sync), _idle(fast)
 
@@ -116,19 +128,10 @@ def test_a_request_that_reads_its_tokens_on_the_host_keeps_steps_synchronous(pai
     base = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
     # The third outlives the first (a grammar's up to 200 tokens), so it pends once that is done.
     params = [_sync_only(kind, sync, prompts[0]), base, replace(base, max_tokens=230), replace(base, logprobs=2)]
-    builds: list[tuple[bool, bool]] = []  # (the request is in the step, a token is read from the step in flight)
-    build = fast.engine.builder.build
-
-    def spy(batch, pending=None):
-        builds.append((any(s.seq.prompt_token_ids == prompts[0] for s in batch.seqs),
-                       any(s.seq.num_pending for s in batch.seqs)))
-        return build(batch, pending)
-
-    fast.engine.builder.build = spy
-    try:
+    with _builds(fast) as steps:
         _same(sync.generate(prompts, params), fast.generate(prompts, params))
-    finally:
-        fast.engine.builder.build = build
+    # (the request is in the step, a token is read from the step in flight), per step
+    builds = [(any(seq.prompt_token_ids == prompts[0] for seq, _ in step), any(r for _, r in step)) for step in steps]
     assert any(held for held, _ in builds) and not any(held and read for held, read in builds)
     assert any(read for held, read in builds if not held)  # the others pend once it is done
     fast.engine.step()
@@ -159,9 +162,9 @@ def test_preemption_and_prefix_cache_hits_while_tokens_are_pending(tiny_models):
     sync, fast = _pair(tiny_models["llama"], num_kv_blocks=40)
     prompts = random_prompts(8, [30, 45, 20], seed=53)
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
-    gathers = _count_gathers(fast)
-    _same(sync.generate(prompts, params), fast.generate(prompts, params))
-    assert fast.engine.scheduler.num_preemptions > 0 and sum(gathers) > 0
+    with _builds(fast) as builds:
+        _same(sync.generate(prompts, params), fast.generate(prompts, params))
+    assert fast.engine.scheduler.num_preemptions > 0 and _gathers(builds) > 0
     first = [llm.generate(prompts[:3], params) for llm in (sync, fast)]  # 3 fit: nothing is evicted
     _same(*first)
     again = [p + o.outputs[0].token_ids[:16] for p, o in zip(prompts[:3], first[0])]
