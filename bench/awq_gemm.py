@@ -9,7 +9,10 @@ For each row count M it times, with CUDA events, one pass over the layer's four 
 - awq_gemm: the tensor-core kernel alone (M > 8), and dequant: dequantize + cuBLAS alone;
 and reports each as a ratio of bf16's time (the issue's goal: awq_gemm within 1.3x of bf16 at
 M = 128). Every variant cycles through enough weight copies to overflow the L2 cache, so no
-variant is timed on weights that stay on chip.
+variant is timed on weights that stay on chip. The passes are captured in one CUDA graph and
+replayed, as the engine's decode steps are: eager, each launch costs tens of microseconds of
+Python and CuPy on the host, which at one row is longer than the W4A16 kernels themselves
+(`--eager` times them that way).
 
     python bench/awq_gemm.py --json bench/results/awq_gemm_h200.json
 """
@@ -54,20 +57,36 @@ def make_weights(dtype: torch.dtype) -> tuple[list[dict], list[dict]]:
     return dense, awq
 
 
-def time_variant(fn, copies: list[dict], xs: dict[int, torch.Tensor], iters: int) -> float:
-    """Mean seconds of one pass over the layer's linears, cycling through the weight copies."""
+def time_variant(fn, copies: list[dict], xs: dict[int, torch.Tensor], iters: int, eager: bool = False) -> float:
+    """Mean seconds of one pass over the layer's linears, cycling through the weight copies:
+    `iters` passes captured in one CUDA graph and replayed (eager: launched from Python)."""
     def one_pass(step: int) -> None:
         w = copies[step % len(copies)]
         for name, (i, _) in LAYER.items():
             fn(xs[i], w[name])
 
-    for s in range(len(copies)):  # warm-up: compile, autotune, touch every copy once
-        one_pass(s)
+    def passes() -> None:
+        for s in range(iters):
+            one_pass(s)
+
+    side = torch.cuda.Stream()  # warm-up off the capture stream: compile, autotune, touch every copy
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for s in range(len(copies)):
+            one_pass(s)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    run = passes
+    if not eager:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            passes()
+        graph.replay()  # the first replay uploads the graph
+        run = graph.replay
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for s in range(iters):
-        one_pass(s)
+    run()
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / 1e3 / iters
@@ -77,6 +96,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048])
     ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--eager", action="store_true", help="launch from Python instead of replaying a CUDA graph")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     dtype = torch.bfloat16
@@ -95,14 +115,15 @@ def main() -> None:
         for name, (fn, copies) in variants.items():
             if name == "awq_gemm" and m <= tm.AWQ_GEMV_MAX_ROWS:
                 continue
-            row[f"{name}_us"] = round(time_variant(fn, copies, xs, args.iters) * 1e6, 1)
+            row[f"{name}_us"] = round(time_variant(fn, copies, xs, args.iters, args.eager) * 1e6, 1)
         for name in variants:
             if f"{name}_us" in row and name != "bf16":
                 row[f"{name}_over_bf16"] = round(row[f"{name}_us"] / row["bf16_us"], 3)
         rows.append(row)
         tqdm.write(json.dumps(row))
     result = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "layer": LAYER,
-              "group_size": GROUP, "dtype": str(dtype), "gemm_max_rows": tm.AWQ_GEMM_MAX_ROWS, "rows": rows,
+              "group_size": GROUP, "dtype": str(dtype), "timing": "eager" if args.eager else "cuda graph",
+              "gemm_max_rows": tm.AWQ_GEMM_MAX_ROWS, "rows": rows,
               "seconds": round(time.perf_counter() - t0, 1)}
     print(json.dumps(result, indent=1))
     if args.json:
