@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -29,6 +30,7 @@ from lmq.sampling import (
 from lmq.scheduler import ScheduledBatch, ScheduledSeq, Scheduler
 from lmq.sequence import Request, RequestOutput, Sequence
 from lmq.step_builder import PendingTokens, StepBuilder
+from lmq.step_input import StepInput
 from lmq.structured import Grammars, check_guided
 from lmq.tokenizer import Detokenizer, Tokenizer
 from lmq.transfer import to_device
@@ -342,7 +344,8 @@ class LLMEngine:
                 wait([f for _, f in self.encoding.values()], timeout=0.05, return_when=FIRST_COMPLETED)
             return StepInFlight(batch, [], None, [], overlaps=self.config.scheduler.async_scheduling)
         built = self.builder.build(batch, self._pending)
-        out = self.runner.execute(built.step)
+        step, rows = self._fuse_sampling(batch, built.step)
+        out = self.runner.execute(step)
         self.scheduler.on_step_done(batch)
         forks = any(s.seq.request.needs_fork for s in batch.seqs if s.samples)
         seqs, logits = self._expand_forks(batch, out.sample_logits)
@@ -350,7 +353,11 @@ class LLMEngine:
         if guided:  # host work while the device runs the forward pass
             bitmask = self._grammars.fill([seqs[i].matcher for i in guided])
             logits = self._grammars.apply(logits, guided, bitmask)
-        sampled = self.sampler.launch(logits, [self._sampler_row(s) for s in seqs]) if seqs else None
+        sampled = None
+        if out.tokens is not None:  # drawn by the runner, inside its step
+            sampled = self.sampler.finish(out.tokens, logits, rows)
+        elif seqs:
+            sampled = self.sampler.launch(logits, [self._sampler_row(s) for s in seqs])
         prompt_logits, k = [], 0
         for s, n in built.prompt_rows:
             prompt_logits.append((s, out.prompt_logits[k:k + n]))
@@ -364,6 +371,20 @@ class LLMEngine:
             rows = {seq.seq_id: i for i, seq in enumerate(seqs)}
             self._pending = PendingTokens(sampled.tokens, {seq.seq_id: rows[seq.seq_id] for seq in pended})
         return StepInFlight(batch, seqs, sampled, prompt_logits, pended or [], pended is not None)
+
+    def _fuse_sampling(self, batch: ScheduledBatch, step: StepInput) -> tuple[StepInput, list[SamplerRow] | None]:
+        """The step with its draws for the runner to run inside its step (a replayed CUDA graph)
+        where it can and every draw needs only the logits; else the step as it was and None.
+        Grammars (their masks are filled while the forward pass runs) and forks stay with the
+        sampler, as do the rows `Sampler.step_sampling` declines."""
+        if not self.runner.fuses_sampling(step):
+            return step, None
+        seqs = [s.seq for s in batch.seqs if s.samples]
+        if any(seq.matcher is not None or seq.request.needs_fork for seq in seqs):
+            return step, None
+        rows = [self._sampler_row(seq) for seq in seqs]
+        sampling = self.sampler.step_sampling(rows, self.config.model.vocab_size, self.runner.device)
+        return (step, None) if sampling is None else (dataclasses.replace(step, sampling=sampling), rows)
 
     def _pend(self, seqs: list[Sequence], synchronous: bool) -> list[Sequence] | None:
         """Async scheduling: the sampled sequences the next step may compute before this step's

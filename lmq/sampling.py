@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lmq.step_input import SamplingMode, StepSampling
 from lmq.structured import GuidedDecodingParams, as_guided
 from lmq.transfer import HostCopy, to_device
 
@@ -338,18 +339,32 @@ def _mask_top_k_top_p_min_p(logits: torch.Tensor, rows: list[SamplerRow]) -> tor
     top_p = [r.params.top_p for r in rows]
     min_p = [r.params.min_p for r in rows]
     dev = logits.device
-    if any(p > 0 for p in min_p):
+    use_min_p = any(p > 0 for p in min_p)
+    use_top = any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p)
+    return mask_logits(logits, to_device(top_k, dev) if use_top else None,
+                       to_device(top_p, dev, torch.float32) if use_top else None,
+                       to_device(min_p, dev, torch.float32) if use_min_p else None)
+
+
+def mask_logits(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
+                min_p: torch.Tensor | None) -> torch.Tensor:
+    """logits [B, V] (temperature-scaled) with -inf outside each row's kept set: min_p [B] (None:
+    skipped), then top_k [B] (the vocabulary size keeps all) and top_p [B] (both None: skipped).
+    Row-wise throughout, so a row with min_p 0, top_k V and top_p 1 keeps what it had except,
+    where the sort runs, tokens whose mass before them rounds to >= 1."""
+    vocab = logits.shape[1]
+    if min_p is not None:
         probs = logits.softmax(-1)
-        thresh = to_device(min_p, dev, torch.float32)[:, None] * probs.max(-1, keepdim=True).values
+        thresh = min_p[:, None] * probs.max(-1, keepdim=True).values
         logits = logits.masked_fill(probs < thresh, float("-inf"))
-    if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
+    if top_k is not None:
         sorted_logits, order = logits.sort(-1, descending=True)  # [B, V]
-        ranks = torch.arange(vocab, device=dev)[None, :]
-        sorted_logits = sorted_logits.masked_fill(ranks >= to_device(top_k, dev)[:, None], float("-inf"))
+        ranks = torch.arange(vocab, device=logits.device)[None, :]
+        sorted_logits = sorted_logits.masked_fill(ranks >= top_k[:, None], float("-inf"))
         # top_p on the mass left after top_k: keep the smallest prefix whose mass reaches top_p
         # (the token crossing it stays).
         probs = sorted_logits.softmax(-1)
-        drop = (probs.cumsum(-1) - probs) >= to_device(top_p, dev, torch.float32)[:, None]
+        drop = (probs.cumsum(-1) - probs) >= top_p[:, None]
         drop[:, 0] = False
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
@@ -395,6 +410,23 @@ def counter_exponentials(keys: torch.Tensor, vocab: int) -> torch.Tensor:
     return out
 
 
+def race_keys(rows: list[SamplerRow], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """[R] int64 keys of the rows' races: a seeded row's `SamplerRow.seed`, the others drawn
+    from `generator` (one draw of as many keys as there are unseeded rows)."""
+    keys = to_device([_i64(r.seed) if r.seed is not None else 0 for r in rows], device)
+    unseeded = [i for i, r in enumerate(rows) if r.seed is None]
+    if unseeded:
+        keys[to_device(unseeded, device)] = torch.randint(-2**63, 2**63 - 1, (len(unseeded),), generator=generator,
+                                                          dtype=torch.int64, device=device)
+    return keys
+
+
+def counter_race(logits: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """The race over counter_exponentials' draws in torch ops: logits [R, V] (scaled, filtered)
+    and keys [R] int64 -> tokens [R] int64, argmax(p / q). (sample.cu's one kernel does the same.)"""
+    return (logits.softmax(-1) / counter_exponentials(keys, logits.shape[1])).argmax(-1)
+
+
 def _random_sample(logits: torch.Tensor, rows: list[SamplerRow], generator: torch.Generator | None,
                    race: Race | None = None) -> torch.Tensor:
     """Exponential-race sampling: argmax(p / q), q ~ Exp(1), equals a draw from p. Seeded rows
@@ -402,15 +434,10 @@ def _random_sample(logits: torch.Tensor, rows: list[SamplerRow], generator: torc
     one batched op for all of them), or from an explicit `SamplerRow.generator`, so their
     tokens do not depend on the rest of the batch; the others from `generator` (the engine's,
     seeded by its `seed`; None: torch's default). With a backend's `race` (same draws, one
-    kernel) every row is keyed: unseeded rows get keys drawn from `generator`."""
+    kernel) every row is keyed: unseeded rows get keys drawn from `generator` (`race_keys`)."""
     dev = logits.device
     if race is not None and all(r.generator is None for r in rows):
-        keys = to_device([_i64(r.seed) if r.seed is not None else 0 for r in rows], dev)
-        unseeded = [i for i, r in enumerate(rows) if r.seed is None]
-        if unseeded:
-            keys[to_device(unseeded, dev)] = torch.randint(-2**63, 2**63 - 1, (len(unseeded),), generator=generator,
-                                                           dtype=torch.int64, device=dev)
-        return race(logits, keys)
+        return race(logits, race_keys(rows, generator, dev))
     probs = logits.softmax(-1)
     q = torch.empty_like(probs)
     unseeded = [i for i, r in enumerate(rows) if r.generator is None and r.seed is None]
@@ -510,11 +537,40 @@ class Sampler:
             temps = to_device([r.params.temperature for r in sub_rows], logits.device, torch.float32)[:, None]
             sub = _mask_top_k_top_p_min_p(logits[index] / temps, sub_rows)
             tokens[index] = _random_sample(sub, sub_rows, self.generator, self.race)
+        return self.finish(tokens, raw, rows)
+
+    def finish(self, tokens: torch.Tensor, logits: torch.Tensor, rows: list[SamplerRow]) -> SampledTokens:
+        """The step's tokens [B] (drawn by `launch`, or by the runner from `step_sampling`), their
+        logprobs queued from the logits [B, V], and the copy back to the host."""
         want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         if not want:
             return SampledTokens(tokens, HostCopy([tokens]), want, [])
-        index = to_device(want, raw.device)
+        index = to_device(want, logits.device)
         ks = [rows[i].params.logprobs for i in want]
         # Logprobs are of the model's distribution (before penalties), like vLLM's default.
-        parts = logprob_tensors(raw[index].log_softmax(-1), tokens[index], max(ks))
+        parts = logprob_tensors(logits[index].float().log_softmax(-1), tokens[index], max(ks))
         return SampledTokens(tokens, HostCopy([tokens, *parts]), want, ks, self.decode)
+
+    def step_sampling(self, rows: list[SamplerRow], vocab: int, device: torch.device) -> StepSampling | None:
+        """The rows' draws as device tensors for a runner to sample inside its step
+        (lmq.static_sampling), or None where a row needs more than the logits: penalties, token
+        controls or bans, an explicit generator. Keys as `launch` draws them (`race_keys`), so
+        with the same backend race the tokens are the same."""
+        if any(r.params.needs_penalties or r.params.needs_token_controls or r.banned or r.generator is not None
+               for r in rows):
+            return None
+        params, rand = [], []
+        for i, r in enumerate(rows):
+            p = r.params
+            if p.greedy:
+                params.append((0.0, 1.0, 0.0, float(vocab)))
+            else:
+                rand.append(i)
+                params.append((p.temperature, p.top_p, p.min_p, float(min(p.top_k, vocab) if p.top_k > 0 else vocab)))
+        drawing = [rows[i].params for i in rand]
+        mode = SamplingMode(random=bool(rand), min_p=any(p.min_p > 0 for p in drawing),
+                            top=any(0 < p.top_k < vocab or p.top_p < 1.0 for p in drawing))
+        keys = torch.zeros(len(rows), dtype=torch.int64, device=device)
+        if rand:
+            keys[to_device(rand, device)] = race_keys([rows[i] for i in rand], self.generator, device)
+        return StepSampling(mode, torch.tensor(params, dtype=torch.float32).to(device, non_blocking=True), keys)

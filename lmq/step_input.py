@@ -37,6 +37,30 @@ class LoRAStepInput:
 
 
 @dataclass(frozen=True)
+class SamplingMode:
+    """Which of the draw's ops a step runs (one captured graph each)."""
+
+    random: bool = False  # some row draws (temperature > 0); all greedy: argmax alone
+    min_p: bool = False  # some drawing row has min_p > 0
+    top: bool = False  # some drawing row keeps less than the vocabulary by top_k or top_p
+
+
+GREEDY = SamplingMode()
+
+
+@dataclass(frozen=True)
+class StepSampling:
+    """One decode step's draws as device tensors, rows in the step's sequence order, for a
+    runner that samples inside the step (lmq.static_sampling)."""
+
+    mode: SamplingMode
+    # [B, 4] float32 per row: temperature (0: greedy), top_p, min_p, top_k (the vocabulary
+    # size where off; float32 holds integers exactly up to 2^24)
+    params: torch.Tensor
+    keys: torch.Tensor  # [B] int64: each drawing row's race key (`race_keys`); 0 for greedy rows
+
+
+@dataclass(frozen=True)
 class StepInput:
     """One step's tokens, flat. Tensors are on the runner's device; tuples are host copies of
     what shapes and loop bounds need (reading them never waits for the device)."""
@@ -58,6 +82,8 @@ class StepInput:
     num_sample_rows: int
     lora: LoRAStepInput | None = None
     images: ImageEmbeds | None = None  # features replacing the embeddings of image rows
+    # the draws, where the runner samples this step itself (`ModelRunner.fuses_sampling`)
+    sampling: StepSampling | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -80,6 +106,7 @@ class StepInput:
 class ModelOutput:
     sample_logits: torch.Tensor  # [Ns, V] float32, in StepInput.logit_rows order
     prompt_logits: torch.Tensor  # [Np, V] float32: the prompt-logprob rows, in order
+    tokens: torch.Tensor | None = None  # [Ns] int64: drawn by the runner from StepInput.sampling
 
 
 class ModelRunner(Protocol):
@@ -100,5 +127,10 @@ class ModelRunner(Protocol):
     def load_lora_slot(self, slot: int, adapter: LoRAAdapter | None) -> None:
         """Write an adapter into a device slot (None: empty it)."""
 
+    def fuses_sampling(self, step: StepInput) -> bool:
+        """Whether `execute` would draw this step's tokens itself given `StepInput.sampling` (a
+        decode step it replays from a CUDA graph, the draw captured with it)."""
+
     def execute(self, step: StepInput) -> ModelOutput:
-        """Queue the step's forward pass on the device; the logits may still be computing."""
+        """Queue the step's forward pass on the device (and, with `StepInput.sampling`, its draw:
+        `ModelOutput.tokens`); the logits may still be computing."""

@@ -25,7 +25,9 @@ class HostCopy:
     def __init__(self, tensors: list[torch.Tensor]) -> None:
         self.event = None
         if not tensors or tensors[0].device.type != "cuda":
-            self.host = tensors
+            # a snapshot there too: the tensors may be views of buffers the next step rewrites
+            # (DecodeGraphs' static tokens)
+            self.host = [t.clone() for t in tensors]
             return
         self.host = []
         for t in tensors:

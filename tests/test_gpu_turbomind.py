@@ -312,6 +312,38 @@ def test_async_scheduling_on_cuda_equals_synchronous(wide_models, backend):
             assert lx.keys() == ly.keys() and all(abs(lx[t].logprob - ly[t].logprob) < 1e-4 for t in lx)
 
 
+@pytest.mark.parametrize("backend", ["turbomind", "pytorch"])
+def test_draws_captured_in_decode_graphs_equal_the_sampler(wide_models, backend):
+    """Decode steps draw inside their CUDA graphs (lmq.static_sampling): greedy, seeded and (on
+    turbomind, whose race keys every row from the engine's generator) unseeded draws with top-k,
+    top-p and min-p, with logprobs, equal the sampler's draws over the same graphs' logits."""
+    prompts = random_prompts(12, [5, 40, 130, 17], seed=6)
+    base = SamplingParams(max_tokens=40, ignore_eos=True)
+    seeded = backend == "pytorch"  # its sampler draws unseeded rows by a generator, not by keys
+    params = [replace(base, temperature=0.0, logprobs=2), replace(base, temperature=0.0),
+              *[replace(base, temperature=0.7 + 0.1 * i, top_k=[0, 20, 50][i % 3], top_p=[1.0, 0.9][i % 2],
+                        min_p=[0.0, 0.05][i // 5], seed=100 + i if seeded or i % 2 else None,
+                        logprobs=1 if i % 4 == 0 else None)
+                for i in range(10)]]
+    outs, modes = [], []
+    for fused in (True, False):
+        llm = LLM(str(wide_models["llama"]), device="cuda", dtype="float32", backend=backend,
+                  gpu_memory_utilization=0.2)
+        runner = llm.engine.runner
+        if not fused:
+            runner.fuses_sampling = lambda step: False
+        outs.append(llm.generate(prompts, params))
+        modes.append({key[3] for key in runner.graphs.graphs})
+        del llm, runner
+        torch.cuda.empty_cache()
+    assert any(m.random and m.top and m.min_p for m in modes[0]) and all(not m.random for m in modes[1])
+    for a, b in zip(*outs, strict=True):
+        x, y = a.outputs[0], b.outputs[0]
+        assert x.token_ids == y.token_ids
+        for lx, ly in zip(x.logprobs or [], y.logprobs or [], strict=True):
+            assert lx.keys() == ly.keys() and all(abs(lx[t].logprob - ly[t].logprob) < 1e-5 for t in lx)
+
+
 def test_float32_mixed_adapters_identical_to_peft(wide_models, tmp_path):
     """A batch mixing every adapter and the base model, graphs and eager: each request's tokens
     equal peft's float32 greedy with its adapter alone."""

@@ -119,13 +119,20 @@ class ModelRunner:
         self.scratch_block = num_blocks
 
     # -- one step ------------------------------------------------------------------------------
+    def _replays(self, step: StepInput) -> bool:
+        return self.graphs is not None and step.decode_only and step.images is None
+
+    def fuses_sampling(self, step: StepInput) -> bool:
+        """A replayed decode step whose every sequence samples one row, in order, draws inside
+        its graph (torch_engine.cuda_graph)."""
+        return self._replays(step) and step.num_logit_rows == step.num_sample_rows == step.num_seqs
+
     @torch.inference_mode()
     def execute(self, step: StepInput) -> ModelOutput:
-        if self.graphs is not None and step.decode_only and step.images is None:
-            logits = self.graphs.run(step)  # [B, V]: every row of the step
-            if step.num_logit_rows != step.num_seqs or step.num_sample_rows != step.num_seqs:
-                logits = logits.index_select(0, step.logit_rows)
-            return ModelOutput(logits[:step.num_sample_rows], logits[step.num_sample_rows:])
+        if self._replays(step):
+            if step.sampling is not None and not self.fuses_sampling(step):
+                raise ValueError("StepInput.sampling on a step whose rows are not one per sequence")
+            return self.graphs.run(step)
         meta = AttentionMetadata.from_step(step, self.block_size)
         with self.ops.attention_backends(self.device):
             hidden = self.model(step.token_ids, step.positions, self.kv_caches, meta, self.lora_metadata(step),
