@@ -258,8 +258,8 @@ def main() -> None:
         del llm
         gc.collect()
         torch.cuda.empty_cache()
-    result = {"device": torch.cuda.get_device_name(), "shape": args.shape, "copy_gb_s": bandwidth / 1e9,
-              "input_len": args.input_len, "output_len": args.output_len, "rows": rows}
+    result = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "shape": args.shape,
+              "copy_gb_s": bandwidth / 1e9, "input_len": args.input_len, "output_len": args.output_len, "rows": rows}
     by = {(r["backend"], r["batch"]): r["decode_tok_s"] for r in rows}
     if ("turbomind-awq", 1) in by and ("turbomind", 1) in by:
         result["awq_over_bf16_batch1"] = by[("turbomind-awq", 1)] / by[("turbomind", 1)]
