@@ -26,7 +26,7 @@ __all__ = ["add_lora", "attention", "attention_backends", "awq_linear", "embeddi
 
 DECODE_THREADS = 128  # decode_attention.cu's block (4 warps)
 PREFILL_QUERIES = 32  # prefill_attention.cu's QT
-MIN_SPLIT_TOKENS = 32  # split-K: no split of the context shorter than this (BENCHMARKS.md: batch-1 attention at 192 keys)
+MIN_SPLIT_TOKENS = 32  # split-K: no split of a shorter context (BENCHMARKS.md: batch-1 attention, 192 keys)
 AWQ_GEMV_MAX_ROWS = 8  # awq_gemv.cu's MMAX: more rows go to dequantize + cuBLAS
 AWQ_KS = 8  # awq_gemv.cu's KS: thread rows per CTA, each over its own inputs
 SAMPLE_THREADS = 1024  # sample.cu's THREADS
