@@ -20,6 +20,7 @@ Python and CuPy on the host, which at one row is longer than the W4A16 kernels t
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 
@@ -33,6 +34,7 @@ from turbomind import ops as tm
 
 LAYER = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}  # (in, out)
 GROUP = 128
+AWQ_BYTES = sum(i * o // 2 + (i // GROUP) * o * 5 // 2 for i, o in LAYER.values())  # packed weights, scales, zeros
 L2_OVERFLOW_BYTES = 512 << 20  # each variant's weight copies together exceed any L2 by far
 
 
@@ -43,7 +45,7 @@ def _copies(bytes_per_copy: int) -> int:
 def make_weights(dtype: torch.dtype) -> tuple[list[dict], list[dict]]:
     """(dense copies, awq copies): each copy {name: weight} over LAYER."""
     dense_bytes = sum(i * o * 2 for i, o in LAYER.values())
-    awq_bytes = sum(i * o // 2 + (i // GROUP) * o * 2 for i, o in LAYER.values())
+    awq_bytes = AWQ_BYTES
     g = torch.Generator("cuda").manual_seed(0)
     base = {}
     for name, (i, o) in LAYER.items():
@@ -57,13 +59,19 @@ def make_weights(dtype: torch.dtype) -> tuple[list[dict], list[dict]]:
     return dense, awq
 
 
-def time_variant(fn, copies: list[dict], xs: dict[int, torch.Tensor], iters: int, eager: bool = False) -> float:
-    """Mean seconds of one pass over the layer's linears, cycling through the weight copies:
-    `iters` passes captured in one CUDA graph and replayed (eager: launched from Python)."""
+def _gemv(x: torch.Tensor, w: tuple, vec: int) -> torch.Tensor:
+    return tm.awq_gemv(x, *w, GROUP, vec=vec)
+
+
+def time_variant(fn, copies: list[dict], xs: dict[int, torch.Tensor], iters: int, eager: bool = False,
+                 names: tuple[str, ...] = tuple(LAYER)) -> float:
+    """Mean seconds of one pass over the layer's linears (or those `names`), cycling through the
+    weight copies: `iters` passes captured in one CUDA graph and replayed (eager: launched from
+    Python)."""
     def one_pass(step: int) -> None:
         w = copies[step % len(copies)]
-        for name, (i, _) in LAYER.items():
-            fn(xs[i], w[name])
+        for name in names:
+            fn(xs[LAYER[name][0]], w[name])
 
     def passes() -> None:
         for s in range(iters):
@@ -106,6 +114,8 @@ def main() -> None:
         "bf16": (lambda x, w: torch_ops.linear(x, w), dense),
         "awq": (lambda x, w: tm.awq_linear(x, *w, GROUP), awq),
         "awq_gemm": (lambda x, w: tm.awq_gemm(x, *w, GROUP), awq),
+        # awq_gemv's packed columns per thread (awq uses turbomind.ops.AWQ_GEMV_VEC)
+        **{f"awq_gemv_v{v}": (functools.partial(_gemv, vec=v), awq) for v in (1, 2, 4)},
         "dequant": (lambda x, w: torch_ops.awq_linear(x, *w, GROUP), awq),
     }
     rows = []
@@ -113,9 +123,14 @@ def main() -> None:
         xs = {i: torch.randn(m, i, device="cuda").to(dtype) for i in {i for i, _ in LAYER.values()}}
         row = {"rows": m}
         for name, (fn, copies) in variants.items():
-            if name == "awq_gemm" and m <= tm.AWQ_GEMV_MAX_ROWS:
-                continue
+            if (name == "awq_gemm") == (m <= tm.AWQ_GEMV_MAX_ROWS) and name.startswith("awq_gem"):
+                continue  # awq_gemm past awq_gemv's rows, awq_gemv within them
             row[f"{name}_us"] = round(time_variant(fn, copies, xs, args.iters, args.eager) * 1e6, 1)
+        if m == 1:  # each linear alone, and the bytes the W4A16 pass moves per second
+            row["per_linear_us"] = {
+                name: {v: round(time_variant(*variants[v], xs, args.iters, args.eager, (name,)) * 1e6, 1)
+                       for v in ("bf16", "awq_gemv_v1", "awq_gemv_v2", "awq_gemv_v4")} for name in LAYER}
+            row["awq_tb_s"] = round(AWQ_BYTES / (row["awq_us"] * 1e-6) / 1e12, 2)
         for name in variants:
             if f"{name}_us" in row and name != "bf16":
                 row[f"{name}_over_bf16"] = round(row[f"{name}_us"] / row["bf16_us"], 3)

@@ -14,6 +14,8 @@ Logprobs are read from the same logits afterwards (`Sampler.finish`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from lmq.sampling import Race, counter_race, mask_logits
@@ -25,11 +27,13 @@ def greedy_params(rows: int, vocab: int, device: torch.device) -> torch.Tensor:
     return torch.tensor([0.0, 1.0, 0.0, float(vocab)], device=device).repeat(rows, 1)
 
 
-def sample_static(logits: torch.Tensor, sampling: StepSampling, race: Race | None) -> torch.Tensor:
-    """logits [B, V] float32 -> tokens [B] int64: greedy rows' argmax, the others' race over
-    their temperature-scaled, filtered logits (`race`: the backend's one-kernel draw; None:
-    `counter_race`). No host work depends on the values, so a CUDA graph can hold it."""
-    tokens = logits.argmax(-1)  # [B]
+def sample_static(logits: torch.Tensor, sampling: StepSampling, race: Race | None,
+                  argmax: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """logits [B, V] float32 -> tokens [B] int64: greedy rows' argmax (`argmax`: the backend's
+    op, equal to torch.argmax's; None: torch's), the others' race over their temperature-scaled,
+    filtered logits (`race`: the backend's one-kernel draw; None: `counter_race`). No host work
+    depends on the values, so a CUDA graph can hold it."""
+    tokens = argmax(logits) if argmax is not None else logits.argmax(-1)  # [B]
     mode = sampling.mode
     if not mode.random:
         return tokens

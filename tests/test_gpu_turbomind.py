@@ -176,12 +176,17 @@ def _awq_close(got: torch.Tensor, expected: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m, k, n, group", [(1, 4096, 4096, 128), (3, 4096, 14336, 128), (8, 14336, 4096, 128),
-                                            (5, 576, 1536, 64), (2, 256, 72, 32)])
+                                            (5, 576, 1536, 64), (2, 256, 72, 32), (4, 4096, 6144, 128),
+                                            (1, 2048, 16, 64), (7, 1024, 28672, 32)])
 def test_awq_gemv(tm, dtype, m, k, n, group):
-    """The W4A16 GEMV (decode rows) against dequantize-then-matmul."""
+    """The W4A16 GEMV (decode rows) against dequantize-then-matmul, for each packed-column
+    width per thread (vec; 4 is halved where the columns or the rows do not allow it)."""
     x, args = _awq_case(m, k, n, group, dtype)
+    expected = ref.awq_linear(x, *args)
+    for vec in (1, 2, 4):
+        _awq_close(tm.awq_gemv(x, *args, vec=vec), expected)
     got = tm.awq_linear(x, *args)
-    _awq_close(got, ref.awq_linear(x, *args))
+    _awq_close(got, expected)
     bias = torch.randn(n, device="cuda").to(dtype)
     _awq_close(tm.awq_linear(x, *args, bias), (got.float() + bias.float()).to(dtype))  # y + bias, rounded once
 
@@ -235,6 +240,21 @@ def test_lora_gather_kernels(tm, dtype, parts, in_features, rank, with_rows):
     got = tm.add_lora(y.clone(), x, stack, meta)
     err = (got.float() - expected.float()).abs().max().item()
     assert err <= LORA_RTOL[dtype] * max(1.0, expected.float().abs().max().item()), (err, dtype)
+
+
+@pytest.mark.parametrize("rows, vocab", [(1, 128256), (1, 32000), (130, 128256), (7, 100), (3, 1), (40, 2049)])
+def test_argmax_rows_equals_torch_argmax(tm, rows, vocab):
+    """Ties to the lower index (each row's maximum copied to a later and an earlier place in
+    some rows), an all -inf row to 0, and rows of a wider tensor (a row stride past V)."""
+    g = torch.Generator("cuda").manual_seed(SEED + rows + vocab)
+    wide = torch.randn(rows, vocab + 5, device="cuda", generator=g)
+    logits = wide[:, :vocab]
+    for r in range(0, rows, 3):
+        top = int(logits[r].argmax())
+        logits[r, (top + vocab // 2) % vocab] = logits[r, top]
+    if rows > 1:
+        logits[1] = float("-inf")
+    assert torch.equal(tm.argmax_rows(logits), logits.argmax(-1))
 
 
 @pytest.mark.parametrize("rows, vocab", [(1, 32000), (130, 128256), (64, 49152), (7, 100)])

@@ -180,7 +180,7 @@ class DecodeGraphs:
         logits = self._forward(bp, nbp, rank)
         self.logits[:bp].copy_(logits)
         sampling = StepSampling(mode, self.sample_params[:bp], self.sample_keys[:bp])
-        self.tokens[:bp].copy_(sample_static(self.logits[:bp], sampling, self.runner.sample_race))
+        self.tokens[:bp].copy_(sample_static(self.logits[:bp], sampling, self.runner.sample_race, self.runner.argmax))
 
     def _capture(self, bp: int, nbp: int, rank: int, mode: SamplingMode) -> torch.cuda.CUDAGraph | _Eager:
         if not self.capture:

@@ -40,6 +40,7 @@ class ModelRunner:
         self.config = config
         self.ops = ops  # torch_engine.ops or turbomind.ops: the same interface
         self.sample_race = getattr(ops, "sample_race", None)  # turbomind's one-kernel draw
+        self.argmax = getattr(ops, "argmax_rows", None)  # and its greedy argmax (in the decode graphs)
         self.device = torch.device(config.device)
         self.block_size = config.cache.block_size
         self.model = load_model(config.model, ops, config.device)

@@ -29,11 +29,12 @@ INSTANTIATIONS: dict[str, tuple[str, ...]] = {
     "decode_attention.cu": tuple(f"decode_attention<{t}, {d}, {h}>" for t in CTYPES.values() for d in HEAD_DIMS
                                  for h in HEADS_PER_CTA)
     + tuple(f"decode_attention_reduce<{t}>" for t in CTYPES.values()),
-    "awq_gemv.cu": tuple(f"awq_gemv<{t}>" for t in CTYPES.values())
+    "awq_gemv.cu": tuple(f"awq_gemv<{t}, {r}, {v}>" for t in CTYPES.values() for r in (1, 2, 4, 8) for v in (1, 2, 4)
+                         if r * v <= 16)
     + tuple(f"awq_gemv_reduce<{t}>" for t in CTYPES.values()),
     "awq_gemm.cu": ("awq_gemm<__half>", "awq_gemm<__nv_bfloat16>"),  # tensor cores: 16-bit only
     "lora.cu": tuple(f"lora_{k}<{t}>" for k in ("shrink", "expand") for t in CTYPES.values()),
-    "sample.cu": ("sample_race",),
+    "sample.cu": ("sample_race", "argmax_part", "argmax_final"),
     "prefill_attention.cu": tuple(f"prefill_attention<{t}, {d}>" for t in CTYPES.values() for d in HEAD_DIMS),
 }
 

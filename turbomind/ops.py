@@ -21,15 +21,21 @@ from torch_engine.attention_metadata import AttentionMetadata
 from torch_engine.ops import embedding  # noqa: F401  (the embedding gather stays torch's)
 from turbomind.launch import CTYPES, HEAD_DIMS, HEADS_PER_CTA, NULL, device_index, i64, launch
 
-__all__ = ["add_lora", "attention", "attention_backends", "awq_linear", "embedding", "linear", "rms_norm",
-           "rotary_write_kv", "sample_race", "silu_and_mul"]
+__all__ = ["add_lora", "argmax_rows", "attention", "attention_backends", "awq_linear", "embedding", "linear",
+           "rms_norm", "rotary_write_kv", "sample_race", "silu_and_mul"]
 
 DECODE_THREADS = 128  # decode_attention.cu's block (4 warps)
 PREFILL_QUERIES = 32  # prefill_attention.cu's QT
 MIN_SPLIT_TOKENS = 32  # split-K: no split of a shorter context (BENCHMARKS.md: batch-1 attention, 192 keys)
-AWQ_GEMV_MAX_ROWS = 8  # awq_gemv.cu's MMAX: more rows go to dequantize + cuBLAS
+AWQ_GEMV_MAX_ROWS = 8  # awq_gemv.cu's largest MR: more rows go to awq_gemm
+AWQ_GEMV_ROWS = (1, 2, 4, 8)  # awq_gemv.cu's MR instantiations (accumulator rows in registers)
 AWQ_KS = 8  # awq_gemv.cu's KS: thread rows per CTA, each over its own inputs
+AWQ_COLS = 32  # awq_gemv.cu's COLS: threads per CTA along the packed columns
+AWQ_GEMV_VEC = 2  # packed columns per awq_gemv thread (1, 2 or 4 words per load; 4 with MR <= 4)
 SAMPLE_THREADS = 1024  # sample.cu's THREADS
+ARGMAX_THREADS = 256  # sample.cu's ARGMAX_THREADS
+ARGMAX_MAX_PARTS = 32  # argmax_final reduces the parts in one warp
+ARGMAX_MIN_CHUNK = 2048  # logits per argmax_part CTA at least (8 per thread)
 LORA_SHRINK_WARPS = 8  # lora.cu's SHRINK_WARPS
 LORA_EXPAND_COLUMNS = 512  # lora.cu: EXPAND_THREADS x 2 columns per CTA
 LORA_MAX_RANK_PARTS = 768  # lora.cu's MAX_RANK_PARTS
@@ -274,6 +280,27 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return torch_ops.add_bias_and_lora(F.linear(x, weight, bias), x, None, lora, lora_meta, add_lora)
 
 
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """torch.argmax(logits, -1) for float32 [R, V] rows with contiguous vocabularies -> [R] int64:
+    sample.cu's argmax_part over (rows, parts) CTAs (enough parts for about two waves of the SMs,
+    at most ARGMAX_MAX_PARTS, each at least ARGMAX_MIN_CHUNK logits), then argmax_final."""
+    _check(logits.dtype == torch.float32 and logits.dim() == 2 and logits.stride(1) == 1 and logits.is_cuda,
+           f"logits must be CUDA float32 [R, V] with contiguous rows, got {logits.dtype} {tuple(logits.shape)}")
+    rows, vocab = logits.shape
+    tokens = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    if rows == 0 or vocab == 0:
+        return tokens.zero_()
+    parts = max(1, min(ARGMAX_MAX_PARTS, -(-2 * _num_sms(device_index(logits.device)) // rows),
+                       -(-vocab // ARGMAX_MIN_CHUNK)))
+    chunk = -(-vocab // parts)
+    part_val = torch.empty(rows, parts, dtype=torch.float32, device=logits.device)
+    part_idx = torch.empty(rows, parts, dtype=torch.int32, device=logits.device)
+    launch("sample.cu", "argmax_part", logits.device, (rows, parts), (ARGMAX_THREADS,),
+           (part_val, part_idx, logits, vocab, i64(logits.stride(0)), chunk))
+    launch("sample.cu", "argmax_final", logits.device, (rows,), (32,), (tokens, part_val, part_idx, parts, vocab))
+    return tokens
+
+
 def sample_race(logits: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """lmq.sampling's exponential race over counter_exponentials' draws in one kernel: logits
     [R, V] float32 (temperature-scaled, filtered), keys [R] int64 -> tokens [R] int64."""
@@ -288,13 +315,30 @@ def sample_race(logits: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return tokens
 
 
-def _awq_per_thread(in_features: int, group_size: int) -> int:
-    """Inputs each awq_gemv thread sums: a divisor of the group (one scale), at most 32, with
-    KS of them tiling the input dim."""
-    for pt in (32, 16, 8, 4, 2, 1):
-        if group_size % pt == 0 and in_features % (AWQ_KS * pt) == 0:
+def _awq_per_thread(in_features: int, group_size: int, col_ctas: int, device: torch.device) -> int:
+    """Inputs each awq_gemv thread sums: a divisor of the group (one scale) with KS of them
+    tiling the input dim, at most 32, and fewer (down to 8: more splits, more CTAs) while the
+    output columns' `col_ctas` CTAs times the splits would not cover the SMs."""
+    fits = [pt for pt in (32, 16, 8, 4, 2, 1) if group_size % pt == 0 and in_features % (AWQ_KS * pt) == 0]
+    _check(bool(fits), f"in_features={in_features} is not a multiple of {AWQ_KS}")
+    sms = _num_sms(device_index(device))
+    for pt in fits:
+        if pt <= 8 or col_ctas * (in_features // (AWQ_KS * pt)) >= sms:
             return pt
-    raise ValueError(f"turbomind: in_features={in_features} is not a multiple of {AWQ_KS}")
+    return fits[-1]
+
+
+def _awq_vec(packed_cols: int, rows: int, qweight: torch.Tensor, vec: int | None) -> int:
+    """awq_gemv's packed columns per thread: `vec` (default AWQ_GEMV_VEC), halved until it
+    divides the packed columns and the rows' loads are aligned to it (4 only with MR <= 4:
+    its shared memory)."""
+    v = vec or AWQ_GEMV_VEC
+    _check(v in (1, 2, 4), f"awq_gemv vec must be 1, 2 or 4, got {v}")
+    if rows > 4:
+        v = min(v, 2)
+    while v > 1 and (packed_cols % v or qweight.data_ptr() % (4 * v)):
+        v //= 2
+    return v
 
 
 def _check_awq(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
@@ -321,18 +365,22 @@ def _sum_splits(y: torch.Tensor, ws: torch.Tensor, splits: int, t: str) -> None:
 
 
 def awq_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-             group_size: int) -> torch.Tensor:
-    """x: [M <= 8, in] -> [M, out]: the W4A16 kernel over AutoAWQ's packed tensors."""
+             group_size: int, vec: int | None = None) -> torch.Tensor:
+    """x: [M <= 8, in] -> [M, out]: the W4A16 kernel over AutoAWQ's packed tensors. `vec`:
+    packed columns per thread (bench/awq_gemm.py compares them; default AWQ_GEMV_VEC)."""
     m, in_features = x.shape
     out_features = scales.shape[1]
     t = _check_awq(x, qweight, qzeros, scales, group_size)
     _check(m <= AWQ_GEMV_MAX_ROWS, f"awq_gemv takes at most {AWQ_GEMV_MAX_ROWS} rows, got {m}")
     x = x.contiguous()
-    pt = _awq_per_thread(in_features, group_size)
+    rows = next(r for r in AWQ_GEMV_ROWS if r >= m)
+    v = _awq_vec(out_features // 8, rows, qweight, vec)
+    col_ctas = -(-out_features // 8 // (AWQ_COLS * v))
+    pt = _awq_per_thread(in_features, group_size, col_ctas, x.device)
     splits = in_features // (AWQ_KS * pt)
     ws = torch.empty(splits, m, out_features, dtype=torch.float32, device=x.device)
     y = torch.empty(m, out_features, dtype=x.dtype, device=x.device)
-    launch("awq_gemv.cu", f"awq_gemv<{t}>", x.device, (-(-out_features // 8 // 32), splits), (32, AWQ_KS),
+    launch("awq_gemv.cu", f"awq_gemv<{t}, {rows}, {v}>", x.device, (col_ctas, splits), (AWQ_COLS, AWQ_KS),
            (ws, x, qweight, qzeros, scales, m, in_features, out_features, group_size, AWQ_KS * pt))
     _sum_splits(y, ws, splits, t)
     return y

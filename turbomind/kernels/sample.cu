@@ -65,3 +65,45 @@ __global__ void __launch_bounds__(THREADS) sample_race(long long* __restrict__ t
     if (lane == 0) tokens[r] = best_i < vocab ? best_i : 0;  // an all -inf row cannot come from the sampler
   }
 }
+
+// Greedy argmax of logits rows in two launches, ties to the lower index and an all -inf row to 0
+// as torch.argmax (oracle: torch.argmax): a row of 128,256 logits is one CTA's work in
+// sample_race, which at batch 1 leaves the GPU idle, so here grid (rows, parts) CTAs each take
+// a `chunk` of the row's vocabulary and write their best to part_val / part_idx [rows, parts];
+// argmax_final (grid rows, one warp each, parts <= 32) picks the row's best of them.
+constexpr int ARGMAX_THREADS = 256;
+
+__global__ void __launch_bounds__(ARGMAX_THREADS) argmax_part(float* __restrict__ part_val, int* __restrict__ part_idx,
+                                                             const float* __restrict__ logits, int vocab,
+                                                             long long stride, int chunk) {
+  const int r = blockIdx.x, p = blockIdx.y, parts = gridDim.y;
+  const float* row = logits + r * stride;
+  const int end = min(vocab, (p + 1) * chunk);
+  float best = NEG_INF;
+  int best_i = vocab;
+  for (int v = p * chunk + threadIdx.x; v < end; v += ARGMAX_THREADS) {
+    const float l = row[v];
+    if (better(l, v, best, best_i)) best = l, best_i = v;
+  }
+  warp_argmax(best, best_i);
+  __shared__ float ws[ARGMAX_THREADS / 32];
+  __shared__ int wi[ARGMAX_THREADS / 32];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (lane == 0) ws[warp] = best, wi[warp] = best_i;
+  __syncthreads();
+  if (warp == 0) {
+    best = lane < ARGMAX_THREADS / 32 ? ws[lane] : NEG_INF;
+    best_i = lane < ARGMAX_THREADS / 32 ? wi[lane] : vocab;
+    warp_argmax(best, best_i);
+    if (lane == 0) part_val[r * parts + p] = best, part_idx[r * parts + p] = best_i;
+  }
+}
+
+__global__ void __launch_bounds__(32) argmax_final(long long* __restrict__ tokens, const float* __restrict__ part_val,
+                                                   const int* __restrict__ part_idx, int parts, int vocab) {
+  const int r = blockIdx.x, lane = threadIdx.x;
+  float best = lane < parts ? part_val[r * parts + lane] : NEG_INF;
+  int best_i = lane < parts ? part_idx[r * parts + lane] : vocab;
+  warp_argmax(best, best_i);
+  if (lane == 0) tokens[r] = best_i < vocab ? best_i : 0;
+}
