@@ -144,7 +144,8 @@ def rotary_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
            f"contiguous int64 [{tokens}]")
     out = torch.empty(tokens, heads, d, dtype=q.dtype, device=q.device)
     if tokens:
-        launch("rotary_kv.cu", f"rotary_write_kv<{t}>", q.device, (tokens,), (256,),
+        items = (heads + kv_heads) * d // 2 + kv_heads * d  # q and k pairs, v elements
+        launch("rotary_kv.cu", f"rotary_write_kv<{t}>", q.device, (tokens, -(-items // 256)), (256,),
                (out, k_cache, v_cache, q, k, v, positions, slot_mapping, cos_sin, heads, kv_heads, d,
                 *(i64(x.stride(i)) for x in (q, k, v) for i in (0, 1))))
     return out

@@ -7,7 +7,9 @@
 // q: [T, H, D], k, v: [T, Hkv, D], last dim contiguous, token/head strides given (views of the
 // fused qkv projection); q_out: contiguous [T, H, D]; caches: contiguous [blocks, bs, Hkv, D],
 // so slot s = block * bs + offset is row s of [blocks * bs, Hkv, D]; a negative slot writes nothing.
-// cos_sin: contiguous [max_len, 2, D] (cos row, then sin row). grid: T, block: any (strided loop).
+// cos_sin: contiguous [max_len, 2, D] (cos row, then sin row). grid (T, parts), block: any; the
+// token's q pairs, k pairs and v elements are strided over the parts' threads (one pass each at
+// decode: one token's 2,000-odd items looped by one CTA waited on 7 dependent loads in a row).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -31,7 +33,7 @@ __global__ void rotary_write_kv(T* q_out, T* k_cache, T* v_cache, const T* q, co
   const T* cs = cos_sin + positions[t] * 2 * d;  // [2, D]
   const long long slot = slots[t];
   const int q_pairs = heads * half, k_pairs = kv_heads * half, v_elems = kv_heads * d;
-  for (int j = threadIdx.x; j < q_pairs + k_pairs + v_elems; j += blockDim.x) {
+  for (int j = blockIdx.y * blockDim.x + threadIdx.x; j < q_pairs + k_pairs + v_elems; j += gridDim.y * blockDim.x) {
     if (j < q_pairs) {
       const int h = j / half, i = j % half;
       rotate_pair(q_out + (t * heads + h) * d, q + t * q_st + h * q_sh, cs, i, half, d);
