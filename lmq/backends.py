@@ -25,8 +25,6 @@ class Backend:
     name: str
     unsupported: Callable[[EngineConfig], list[str]]  # why it cannot serve this config ([] = it can)
     make_runner: Callable[[EngineConfig], ModelRunner]  # the engine's runner (lmq.step_input.ModelRunner)
-    # why `auto` passes it over even where it could serve (None: auto may take it)
-    not_auto: str | None = None
 
 
 def _pytorch_unsupported(config: EngineConfig) -> list[str]:
@@ -71,10 +69,7 @@ def _turbomind_runner(config: EngineConfig) -> ModelRunner:
 
 BACKENDS: dict[str, Backend] = {
     "pytorch": Backend("pytorch", _pytorch_unsupported, _pytorch_runner),
-    # Until turbomind's own runner (sampling in the graphs, overlapped host work) and its GPU
-    # benchmarks land, it is served when asked for by name and `auto` keeps the reference engine.
-    "turbomind": Backend("turbomind", _turbomind_unsupported, _turbomind_runner,
-                         not_auto="auto does not take it yet (ask for --backend turbomind)"),
+    "turbomind": Backend("turbomind", _turbomind_unsupported, _turbomind_runner),
 }
 AUTO_ORDER = ("turbomind", "pytorch")  # the fast engine first, the reference engine always serves
 
@@ -98,8 +93,6 @@ def choose_backend(requested: str, config: EngineConfig) -> BackendChoice:
     passed_over = []
     for name in AUTO_ORDER:
         reasons = BACKENDS[name].unsupported(config)
-        if not reasons and BACKENDS[name].not_auto:
-            reasons = [BACKENDS[name].not_auto]
         if not reasons:
             why = "; ".join(passed_over) if passed_over else "it supports the model and every requested feature"
             return BackendChoice(name, f"auto: {why}")

@@ -310,6 +310,18 @@ def test_float32_greedy_identical_to_transformers(wide_models, arch):
         torch.cuda.empty_cache()
 
 
+def test_auto_takes_turbomind_on_cuda(wide_models, caplog):
+    """On a CUDA GPU `auto` takes turbomind for a model it serves, and says so at start-up."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="lmq"):
+        llm = LLM(str(wide_models["llama"]), device="cuda", dtype="float32", gpu_memory_utilization=0.2)
+    assert llm.engine.config.backend == "turbomind"
+    assert "lmq: backend turbomind (auto: it supports the model and every requested feature)" in caplog.text
+    del llm
+    torch.cuda.empty_cache()
+
+
 @pytest.mark.parametrize("backend", ["turbomind", "pytorch"])
 def test_async_scheduling_on_cuda_equals_synchronous(wide_models, backend):
     """On the GPU the step in flight really overlaps: seeded sampling, logprobs (read back from
