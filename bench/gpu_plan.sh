@@ -4,7 +4,7 @@
 # some to run only those (default: all). Needs the ignored .gpu/ kit (prelude, wheels, the
 # default model's tokenizer in .gpu/tokenizer, CUDA headers in .gpu/cuda):
 #
-#   . .gpu/prelude.sh && bash bench/gpu_plan.sh [tests] [decode1b] [decode8b] [lora] [awq]
+#   . .gpu/prelude.sh && bash bench/gpu_plan.sh [tests|alltests] [decode1b] [decode8b] [lora] [awq]
 #
 # Budget: tests ~3 min, decode1b ~4 min, decode8b ~3 min, lora ~2 min, awq ~2 min on an H100.
 set -u
@@ -27,6 +27,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 for step in "${steps[@]}"; do
   case $step in
     tests) run tests python3 -m pytest -q -m gpu tests/test_gpu_turbomind.py tests/test_gpu_parity.py ;;
+    alltests) run alltests python3 -m pytest -q -m gpu tests/ ;;  # every GPU file (auto is turbomind there)
     decode1b) run decode1b python3 bench/turbomind_decode.py --shape 1b --tokenizer $tok \
       --backends turbomind turbomind-async pytorch pytorch-async hf --json "$out/decode1b.json" ;;
     decode8b) run decode8b python3 bench/turbomind_decode.py --shape 8b --tokenizer $tok --batch-sizes 1 128 \
@@ -34,6 +35,6 @@ for step in "${steps[@]}"; do
     lora) run lora python3 bench/lora.py --random-1b --tokenizer $tok --backend turbomind --num-adapters 8 64 \
       --peft-batches 0 --json "$out/lora.json" ;;
     awq) run awq python3 bench/awq_gemm.py --iters 30 --json "$out/awq_gemm.json" ;;
-    *) echo "unknown step $step (tests decode1b decode8b lora awq)" ;;
+    *) echo "unknown step $step (tests alltests decode1b decode8b lora awq)" ;;
   esac
 done
