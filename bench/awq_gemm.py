@@ -3,7 +3,8 @@ Llama-3-8B decoder layer (qkv 4096->6144, o 4096->4096, gate_up 4096->28672, dow
 random AutoAWQ weights (group 128), over row counts from decode batches to a prefill.
 
 For each row count M it times, with CUDA events, one pass over the layer's four linears:
-- bf16: `torch_engine.ops.linear` (cuBLAS) on [out, in] bf16 weights;
+- bf16: `torch_engine.ops.linear` (cuBLAS) on [out, in] bf16 weights; dense_gemv: turbomind's
+  gemv.cu on the same weights (up to 4 rows, as turbomind's linear takes it);
 - awq: `turbomind.ops.awq_linear` as the engine calls it (awq_gemv up to 8 rows, awq_gemm up to
   AWQ_GEMM_MAX_ROWS, else dequantize + cuBLAS);
 - awq_gemm: the tensor-core kernel alone (M > 8), and dequant: dequantize + cuBLAS alone;
@@ -112,6 +113,7 @@ def main() -> None:
     dense, awq = make_weights(dtype)
     variants = {
         "bf16": (lambda x, w: torch_ops.linear(x, w), dense),
+        "dense_gemv": (lambda x, w: tm.dense_gemv(x, w), dense),  # gemv.cu on the bf16 weights (<= 4 rows)
         "awq": (lambda x, w: tm.awq_linear(x, *w, GROUP), awq),
         "awq_gemm": (lambda x, w: tm.awq_gemm(x, *w, GROUP), awq),
         # awq_gemv's packed columns per thread (awq uses turbomind.ops.AWQ_GEMV_VEC)
@@ -125,11 +127,13 @@ def main() -> None:
         for name, (fn, copies) in variants.items():
             if (name == "awq_gemm") == (m <= tm.AWQ_GEMV_MAX_ROWS) and name.startswith("awq_gem"):
                 continue  # awq_gemm past awq_gemv's rows, awq_gemv within them
+            if name == "dense_gemv" and m > tm.DENSE_GEMV_MAX_ROWS:
+                continue
             row[f"{name}_us"] = round(time_variant(fn, copies, xs, args.iters, args.eager) * 1e6, 1)
         if m == 1:  # each linear alone, and the bytes the W4A16 pass moves per second
             row["per_linear_us"] = {
                 name: {v: round(time_variant(*variants[v], xs, args.iters, args.eager, (name,)) * 1e6, 1)
-                       for v in ("bf16", "awq_gemv_v1", "awq_gemv_v2", "awq_gemv_v4")} for name in LAYER}
+                       for v in ("bf16", "dense_gemv", "awq_gemv_v1", "awq_gemv_v2", "awq_gemv_v4")} for name in LAYER}
             row["awq_tb_s"] = round(AWQ_BYTES / (row["awq_us"] * 1e-6) / 1e12, 2)
         for name in variants:
             if f"{name}_us" in row and name != "bf16":

@@ -14,6 +14,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import SEED, hf_greedy, make_model, random_prompts
 from lmq import LLM, SamplingParams
@@ -153,6 +154,23 @@ def test_decode_attention_batch_shapes(tm, b, ctx):
     _close(tm.attention(q, kc, vc, meta, 128 ** -0.5), expected, dtype, "decode attention")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m, k, n", [(1, 2048, 3072), (2, 8192, 2048), (4, 2048, 16384), (3, 4096, 14336),
+                                     (1, 136, 72), (1, 2048, 128256)])
+def test_dense_gemv(tm, dtype, m, k, n):
+    """gemv.cu against F.linear (cuBLAS, fp32 accumulate) with and without a bias, on x rows of a
+    wider tensor; turbomind's linear routes decode rows to it and equals it."""
+    g = torch.Generator("cuda").manual_seed(SEED + m + k + n)
+    x = torch.randn(m, k + 8, device="cuda", generator=g).to(dtype)[:, :k]  # row stride k + 8
+    w = (torch.randn(n, k, device="cuda", generator=g) / k ** 0.5).to(dtype)
+    bias = torch.randn(n, device="cuda", generator=g).to(dtype)
+    for b in (None, bias):
+        expected = F.linear(x, w, b)
+        got = tm.dense_gemv(x, w, b)
+        _gemm_close(got, expected)
+        assert torch.equal(tm.linear(x, w, b), got)
+
+
 def _awq_case(m: int, k: int, n: int, group: int, dtype: torch.dtype) -> tuple[torch.Tensor, tuple]:
     """x [m, k] and AutoAWQ's packed (qweight, qzeros, scales, group) of a random [k, n] weight."""
     from quant_tools.awq_format import pack
@@ -165,9 +183,10 @@ def _awq_case(m: int, k: int, n: int, group: int, dtype: torch.dtype) -> tuple[t
     return x, (pack(q), pack(z), scales, group)
 
 
-def _awq_close(got: torch.Tensor, expected: torch.Tensor) -> None:
-    """Both sides round the dequantized weight to x's dtype once and accumulate in fp32; what
-    differs is the summation order and the output's rounding: within 4 eps of the largest |y|
+def _gemm_close(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """A 16-bit GEMM against its oracle: both sides take the weight in x's dtype (AWQ's
+    dequantized once) and accumulate in fp32; what differs is the summation order and the
+    output's rounding: within 4 eps of the largest |y|
     (eps: bf16 2^-7, fp16 2^-10; one ulp of |y| is at most eps |y|)."""
     err = (got.float() - expected.float()).abs().max().item()
     top = expected.float().abs().max().item()
@@ -184,11 +203,11 @@ def test_awq_gemv(tm, dtype, m, k, n, group):
     x, args = _awq_case(m, k, n, group, dtype)
     expected = ref.awq_linear(x, *args)
     for vec in (1, 2, 4):
-        _awq_close(tm.awq_gemv(x, *args, vec=vec), expected)
+        _gemm_close(tm.awq_gemv(x, *args, vec=vec), expected)
     got = tm.awq_linear(x, *args)
-    _awq_close(got, expected)
+    _gemm_close(got, expected)
     bias = torch.randn(n, device="cuda").to(dtype)
-    _awq_close(tm.awq_linear(x, *args, bias), (got.float() + bias.float()).to(dtype))  # y + bias, rounded once
+    _gemm_close(tm.awq_linear(x, *args, bias), (got.float() + bias.float()).to(dtype))  # y + bias, rounded once
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -201,8 +220,8 @@ def test_awq_gemm(tm, dtype, m, k, n, group):
     rows past awq_gemv's to it."""
     x, args = _awq_case(m, k, n, group, dtype)
     expected = ref.awq_linear(x, *args)
-    _awq_close(tm.awq_gemm(x, *args), expected)
-    _awq_close(tm.awq_linear(x, *args), expected)
+    _gemm_close(tm.awq_gemm(x, *args), expected)
+    _gemm_close(tm.awq_linear(x, *args), expected)
 
 
 LORA_RTOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}  # the oracle rounds h and the delta too

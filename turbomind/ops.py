@@ -2,8 +2,8 @@
 turbomind/kernels (compiled through NVRTC, launched on torch's current stream, so CUDA graphs
 capture them). Each launcher checks shapes, dtypes and strides before it launches; the same op
 in torch_engine.ops is its oracle (tests/test_gpu_turbomind.py). Dense GEMMs and the embedding
-stay on cuBLAS / torch; AWQ linears have W4A16 kernels (awq_gemv, awq_gemm); LoRA deltas gather
-each token's own adapter (lora.cu).
+stay on cuBLAS / torch, except decode rows of 16-bit dense linears (gemv.cu); AWQ linears have
+W4A16 kernels (awq_gemv, awq_gemm); LoRA deltas gather each token's own adapter (lora.cu).
 """
 
 from __future__ import annotations
@@ -21,12 +21,16 @@ from torch_engine.attention_metadata import AttentionMetadata
 from torch_engine.ops import embedding  # noqa: F401  (the embedding gather stays torch's)
 from turbomind.launch import CTYPES, HEAD_DIMS, HEADS_PER_CTA, NULL, device_index, i64, launch
 
-__all__ = ["add_lora", "argmax_rows", "attention", "attention_backends", "awq_linear", "embedding", "linear",
-           "rms_norm", "rotary_write_kv", "sample_race", "silu_and_mul"]
+__all__ = ["add_lora", "argmax_rows", "attention", "attention_backends", "awq_linear", "dense_gemv", "embedding",
+           "linear", "rms_norm", "rotary_write_kv", "sample_race", "silu_and_mul"]
 
 DECODE_THREADS = 128  # decode_attention.cu's block (4 warps)
 PREFILL_QUERIES = 32  # prefill_attention.cu's QT
 MIN_SPLIT_TOKENS = 32  # split-K: no split of a shorter context (BENCHMARKS.md: batch-1 attention, 192 keys)
+DENSE_GEMV_MAX_ROWS = 4  # gemv.cu's largest MR: more rows go to cuBLAS
+DENSE_GEMV_ROWS = (1, 2, 4)  # gemv.cu's MR instantiations
+DENSE_GEMV_WARPS = 8  # gemv.cu's WARPS
+DENSE_GEMV_RPW = 2  # outputs per warp (weight rows read side by side)
 AWQ_GEMV_MAX_ROWS = 8  # awq_gemv.cu's largest MR: more rows go to awq_gemm
 AWQ_GEMV_ROWS = (1, 2, 4, 8)  # awq_gemv.cu's MR instantiations (accumulator rows in registers)
 AWQ_KS = 8  # awq_gemv.cu's KS: thread rows per CTA, each over its own inputs
@@ -275,10 +279,44 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, stack: LoRAStack, meta: LoRAMetad
     return y
 
 
+def dense_gemv_supported(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """gemv.cu's rules for x2 [M, K] @ weight [N, K]^T: 16-bit, at most DENSE_GEMV_MAX_ROWS rows,
+    K % 8 == 0, weight contiguous and x2's rows 16-byte aligned (one 16-byte load per lane)."""
+    return (x2.dtype in (torch.float16, torch.bfloat16) and weight.dtype == x2.dtype and x2.is_cuda
+            and 0 < x2.shape[0] <= DENSE_GEMV_MAX_ROWS and weight.dim() == 2 and weight.is_contiguous()
+            and x2.shape[1] == weight.shape[1] and x2.shape[1] % 8 == 0 and x2.stride(1) == 1
+            and x2.stride(0) % 8 == 0 and x2.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
+            and (bias is None or (bias.dtype == x2.dtype and bias.is_contiguous())))
+
+
+def dense_gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear for decode rows: x2 [M <= 4, K] -> [M, N] by gemv.cu (fp32 accumulate, the bias
+    added before the one rounding)."""
+    t = _dtype(x2, weight)
+    _check(dense_gemv_supported(x2, weight, bias), f"dense_gemv needs 16-bit x [<= {DENSE_GEMV_MAX_ROWS}, K % 8] "
+           f"with aligned rows and a contiguous weight, got x {tuple(x2.shape)} {x2.dtype} stride {x2.stride()}, "
+           f"weight {tuple(weight.shape)}")
+    m, k = x2.shape
+    n = weight.shape[0]
+    rows = next(r for r in DENSE_GEMV_ROWS if r >= m)
+    y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    launch("gemv.cu", f"dense_gemv<{t}, {rows}, {DENSE_GEMV_RPW}>", x2.device,
+           (-(-n // (DENSE_GEMV_WARPS * DENSE_GEMV_RPW)),), (DENSE_GEMV_WARPS * 32,),
+           (y, x2, weight, NULL if bias is None else bias, m, k, n, i64(x2.stride(0))))
+    return y
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            lora: LoRAStack | None = None, lora_meta: LoRAMetadata | None = None) -> torch.Tensor:
-    """torch_engine.ops.linear: cuBLAS through torch, then the deltas by lora.cu's kernels."""
-    return torch_ops.add_bias_and_lora(F.linear(x, weight, bias), x, None, lora, lora_meta, add_lora)
+    """torch_engine.ops.linear: gemv.cu for up to DENSE_GEMV_MAX_ROWS 16-bit rows (decode),
+    else cuBLAS through torch; then the deltas by lora.cu's kernels. float32 stays on cuBLAS:
+    its greedy tokens are compared with transformers' for identity."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if dense_gemv_supported(x2, weight, bias):
+        y = dense_gemv(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
+    else:
+        y = F.linear(x, weight, bias)
+    return torch_ops.add_bias_and_lora(y, x, None, lora, lora_meta, add_lora)
 
 
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
