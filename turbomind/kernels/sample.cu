@@ -32,6 +32,23 @@ __device__ __forceinline__ void warp_argmax(float& best, int& best_i) {
   }
 }
 
+// (best, best_i) of the whole CTA (NT threads, a multiple of 32) in thread 0; `none` is the index
+// of no candidate
+template <int NT>
+__device__ __forceinline__ void block_argmax(float& best, int& best_i, int none) {
+  warp_argmax(best, best_i);
+  __shared__ float ws[NT / 32];
+  __shared__ int wi[NT / 32];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (lane == 0) ws[warp] = best, wi[warp] = best_i;
+  __syncthreads();
+  if (warp == 0) {
+    best = lane < NT / 32 ? ws[lane] : NEG_INF;
+    best_i = lane < NT / 32 ? wi[lane] : none;
+    warp_argmax(best, best_i);
+  }
+}
+
 __global__ void __launch_bounds__(THREADS) sample_race(long long* __restrict__ tokens,
                                                       const float* __restrict__ logits,
                                                       const long long* __restrict__ keys, int vocab,
@@ -52,18 +69,8 @@ __global__ void __launch_bounds__(THREADS) sample_race(long long* __restrict__ t
     const float s = l - __logf(-log1pf(-w));  // the outer log: an absolute error ~1e-6 of the score
     if (better(s, v, best, best_i)) best = s, best_i = v;
   }
-  warp_argmax(best, best_i);
-  __shared__ float ws[THREADS / 32];
-  __shared__ int wi[THREADS / 32];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  if (lane == 0) ws[warp] = best, wi[warp] = best_i;
-  __syncthreads();
-  if (warp == 0) {
-    best = lane < THREADS / 32 ? ws[lane] : NEG_INF;
-    best_i = lane < THREADS / 32 ? wi[lane] : vocab;
-    warp_argmax(best, best_i);
-    if (lane == 0) tokens[r] = best_i < vocab ? best_i : 0;  // an all -inf row cannot come from the sampler
-  }
+  block_argmax<THREADS>(best, best_i, vocab);
+  if (threadIdx.x == 0) tokens[r] = best_i < vocab ? best_i : 0;  // an all -inf row cannot come from the sampler
 }
 
 // Greedy argmax of logits rows in two launches, ties to the lower index and an all -inf row to 0
@@ -85,18 +92,8 @@ __global__ void __launch_bounds__(ARGMAX_THREADS) argmax_part(float* __restrict_
     const float l = row[v];
     if (better(l, v, best, best_i)) best = l, best_i = v;
   }
-  warp_argmax(best, best_i);
-  __shared__ float ws[ARGMAX_THREADS / 32];
-  __shared__ int wi[ARGMAX_THREADS / 32];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  if (lane == 0) ws[warp] = best, wi[warp] = best_i;
-  __syncthreads();
-  if (warp == 0) {
-    best = lane < ARGMAX_THREADS / 32 ? ws[lane] : NEG_INF;
-    best_i = lane < ARGMAX_THREADS / 32 ? wi[lane] : vocab;
-    warp_argmax(best, best_i);
-    if (lane == 0) part_val[r * parts + p] = best, part_idx[r * parts + p] = best_i;
-  }
+  block_argmax<ARGMAX_THREADS>(best, best_i, vocab);
+  if (threadIdx.x == 0) part_val[r * parts + p] = best, part_idx[r * parts + p] = best_i;
 }
 
 __global__ void __launch_bounds__(32) argmax_final(long long* __restrict__ tokens, const float* __restrict__ part_val,
