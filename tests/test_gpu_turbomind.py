@@ -156,7 +156,7 @@ def test_decode_attention_batch_shapes(tm, b, ctx):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m, k, n", [(1, 2048, 3072), (2, 8192, 2048), (4, 2048, 16384), (3, 4096, 14336),
-                                     (1, 136, 72), (1, 2048, 128256)])
+                                     (1, 136, 72), (1, 2048, 128256), (2, 136, 77)])
 def test_dense_gemv(tm, dtype, m, k, n):
     """gemv.cu against F.linear (cuBLAS, fp32 accumulate) with and without a bias, on x rows of a
     wider tensor; turbomind's linear routes decode rows to it and equals it."""
@@ -184,9 +184,9 @@ def _awq_case(m: int, k: int, n: int, group: int, dtype: torch.dtype) -> tuple[t
 
 
 def _gemm_close(got: torch.Tensor, expected: torch.Tensor) -> None:
-    """A 16-bit GEMM against its oracle: both sides take the weight in x's dtype (AWQ's
-    dequantized once) and accumulate in fp32; what differs is the summation order and the
-    output's rounding: within 4 eps of the largest |y|
+    """A 16-bit GEMM against its oracle: both accumulate in fp32 (the oracles round AWQ's
+    dequantized weight to x's dtype first; awq_gemv sums q - z exactly and scales the sum);
+    what differs is the summation order and the output's rounding: within 4 eps of the largest |y|
     (eps: bf16 2^-7, fp16 2^-10; one ulp of |y| is at most eps |y|)."""
     err = (got.float() - expected.float()).abs().max().item()
     top = expected.float().abs().max().item()
@@ -196,10 +196,13 @@ def _gemm_close(got: torch.Tensor, expected: torch.Tensor) -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m, k, n, group", [(1, 4096, 4096, 128), (3, 4096, 14336, 128), (8, 14336, 4096, 128),
                                             (5, 576, 1536, 64), (2, 256, 72, 32), (4, 4096, 6144, 128),
-                                            (1, 2048, 16, 64), (7, 1024, 28672, 32)])
+                                            (1, 2048, 16, 64), (7, 1024, 28672, 32), (2, 4096, 4096, 128),
+                                            (3, 576, 1536, 64), (1, 32, 256, 32)])
 def test_awq_gemv(tm, dtype, m, k, n, group):
     """The W4A16 GEMV (decode rows) against dequantize-then-matmul, for each packed-column
-    width per thread (vec; 4 is halved where the columns or the rows do not allow it)."""
+    width per thread (vec: 4 is halved past 4 rows, and where the packed columns are not a
+    multiple of it; 576 -> 1536 at 3 rows leaves a partial last CTA at 4, 32 inputs at group 32
+    give each thread 4, fewer than its loads in flight)."""
     x, args = _awq_case(m, k, n, group, dtype)
     expected = ref.awq_linear(x, *args)
     for vec in (1, 2, 4):
@@ -263,8 +266,9 @@ def test_lora_gather_kernels(tm, dtype, parts, in_features, rank, with_rows):
 
 @pytest.mark.parametrize("rows, vocab", [(1, 128256), (1, 32000), (130, 128256), (7, 100), (3, 1), (40, 2049)])
 def test_argmax_rows_equals_torch_argmax(tm, rows, vocab):
-    """Ties to the lower index (each row's maximum copied to a later and an earlier place in
-    some rows), an all -inf row to 0, and rows of a wider tensor (a row stride past V)."""
+    """Ties to the lower index (every third row's maximum copied half the row away: a later or,
+    wrapping, an earlier place), an all -inf row to 0, NaN above all (two in a row: the first
+    wins), and rows of a wider tensor (a row stride past V)."""
     g = torch.Generator("cuda").manual_seed(SEED + rows + vocab)
     wide = torch.randn(rows, vocab + 5, device="cuda", generator=g)
     logits = wide[:, :vocab]
@@ -273,6 +277,8 @@ def test_argmax_rows_equals_torch_argmax(tm, rows, vocab):
         logits[r, (top + vocab // 2) % vocab] = logits[r, top]
     if rows > 1:
         logits[1] = float("-inf")
+    if rows > 2:
+        logits[2, vocab - 1] = logits[2, vocab // 3] = float("nan")
     assert torch.equal(tm.argmax_rows(logits), logits.argmax(-1))
 
 

@@ -283,10 +283,12 @@ def dense_gemv_supported(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     """gemv.cu's rules for x2 [M, K] @ weight [N, K]^T: 16-bit, at most DENSE_GEMV_MAX_ROWS rows,
     K % 8 == 0, weight contiguous and x2's rows 16-byte aligned (one 16-byte load per lane)."""
     return (x2.dtype in (torch.float16, torch.bfloat16) and weight.dtype == x2.dtype and x2.is_cuda
-            and 0 < x2.shape[0] <= DENSE_GEMV_MAX_ROWS and weight.dim() == 2 and weight.is_contiguous()
-            and x2.shape[1] == weight.shape[1] and x2.shape[1] % 8 == 0 and x2.stride(1) == 1
-            and x2.stride(0) % 8 == 0 and x2.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
-            and (bias is None or (bias.dtype == x2.dtype and bias.is_contiguous())))
+            and weight.device == x2.device and 0 < x2.shape[0] <= DENSE_GEMV_MAX_ROWS and weight.dim() == 2
+            and weight.shape[0] > 0 and weight.is_contiguous() and x2.shape[1] == weight.shape[1]
+            and x2.shape[1] % 8 == 0 and x2.stride(1) == 1 and x2.stride(0) % 8 == 0
+            and x2.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
+            and (bias is None or (bias.dtype == x2.dtype and bias.device == x2.device
+                                  and bias.shape == weight.shape[:1] and bias.is_contiguous())))
 
 
 def dense_gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -356,7 +358,7 @@ def sample_race(logits: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 
 def _awq_per_thread(in_features: int, group_size: int, col_ctas: int, device: torch.device) -> int:
     """Inputs each awq_gemv thread sums: a divisor of the group (one scale) with KS of them
-    tiling the input dim, at most 32, and fewer (down to 8: more splits, more CTAs) while the
+    tiling the input dim, at most 32 (awq_gemv.cu's xs), and fewer (down to 8: more splits, more CTAs) while the
     output columns' `col_ctas` CTAs times the splits would not cover the SMs."""
     fits = [pt for pt in (32, 16, 8, 4, 2, 1) if group_size % pt == 0 and in_features % (AWQ_KS * pt) == 0]
     _check(bool(fits), f"in_features={in_features} is not a multiple of {AWQ_KS}")

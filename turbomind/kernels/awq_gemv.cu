@@ -5,7 +5,7 @@
 //
 // grid (ceil(out / 8 / (COLS * VEC)), splits), block (COLS, KS) = 256 threads. Thread (c, k)
 // covers VEC adjacent packed columns (8 VEC outputs, one VEC x 4-byte load per input row) and
-// sums `span / KS` <= 64 inputs (a divisor of the group size, so one zero point and scale serve
+// sums `span / KS` <= 32 inputs (a divisor of the group size, so one zero point and scale serve
 // them: the scale is applied once, to the sum). CTA (bx, sy) covers inputs [sy * span, +span).
 // Per CTA the KS partial sums meet in shared memory; the splits' sums go to ws [splits, M, out]
 // float32 and awq_gemv_reduce adds them in a fixed order (no atomics: every replay gives the
@@ -51,7 +51,7 @@ __global__ void __launch_bounds__(COLS * KS, MinCtas<MR, VEC>::value) awq_gemv(f
   const int packed_cols = out / 8;
   const int per_thread = span / KS;
   const int i0 = blockIdx.y * span + threadIdx.y * per_thread;
-  __shared__ float xs[MR][KS][64];  // this thread row's slice of x (per_thread <= 64)
+  __shared__ float xs[MR][KS][32];  // this thread row's slice of x (per_thread <= 32)
   for (int j = threadIdx.x; j < per_thread; j += COLS)
     for (int m = 0; m < m_rows; ++m) xs[m][threadIdx.y][j] = float(x[static_cast<long long>(m) * in + i0 + j]);
   __syncthreads();

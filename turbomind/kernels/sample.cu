@@ -22,21 +22,31 @@ __device__ __forceinline__ bool better(float s, int i, float best, int best_i) {
   return s > best || (s == best && i < best_i);
 }
 
-// (best, best_i) of the whole warp in every lane
+__device__ __forceinline__ bool is_nan(float s) { return (__float_as_uint(s) & 0x7fffffffu) > 0x7f800000u; }
+
+// torch.argmax's order: NaN above every number (the first NaN wins), then as `better`
+__device__ __forceinline__ bool better_nan_max(float s, int i, float best, int best_i) {
+  const bool sn = is_nan(s), bn = is_nan(best);
+  if (sn || bn) return sn && (!bn || i < best_i);
+  return better(s, i, best, best_i);
+}
+
+// (best, best_i) of the whole warp in every lane; NAN_MAX: by better_nan_max, else by better
+template <bool NAN_MAX = false>
 __device__ __forceinline__ void warp_argmax(float& best, int& best_i) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
     const float s = __shfl_xor_sync(0xffffffffu, best, off);
     const int i = __shfl_xor_sync(0xffffffffu, best_i, off);
-    if (better(s, i, best, best_i)) best = s, best_i = i;
+    if (NAN_MAX ? better_nan_max(s, i, best, best_i) : better(s, i, best, best_i)) best = s, best_i = i;
   }
 }
 
 // (best, best_i) of the whole CTA (NT threads, a multiple of 32) in thread 0; `none` is the index
 // of no candidate
-template <int NT>
+template <int NT, bool NAN_MAX = false>
 __device__ __forceinline__ void block_argmax(float& best, int& best_i, int none) {
-  warp_argmax(best, best_i);
+  warp_argmax<NAN_MAX>(best, best_i);
   __shared__ float ws[NT / 32];
   __shared__ int wi[NT / 32];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -45,7 +55,7 @@ __device__ __forceinline__ void block_argmax(float& best, int& best_i, int none)
   if (warp == 0) {
     best = lane < NT / 32 ? ws[lane] : NEG_INF;
     best_i = lane < NT / 32 ? wi[lane] : none;
-    warp_argmax(best, best_i);
+    warp_argmax<NAN_MAX>(best, best_i);
   }
 }
 
@@ -73,8 +83,8 @@ __global__ void __launch_bounds__(THREADS) sample_race(long long* __restrict__ t
   if (threadIdx.x == 0) tokens[r] = best_i < vocab ? best_i : 0;  // an all -inf row cannot come from the sampler
 }
 
-// Greedy argmax of logits rows in two launches, ties to the lower index and an all -inf row to 0
-// as torch.argmax (oracle: torch.argmax): a row of 128,256 logits is one CTA's work in
+// Greedy argmax of logits rows in two launches, ties to the lower index, NaN above all (its
+// first) and an all -inf row to 0, as torch.argmax (oracle: torch.argmax): a row of 128,256 logits is one CTA's work in
 // sample_race, which at batch 1 leaves the GPU idle, so here grid (rows, parts) CTAs each take
 // a `chunk` of the row's vocabulary and write their best to part_val / part_idx [rows, parts];
 // argmax_final (grid rows, one warp each, parts <= 32) picks the row's best of them.
@@ -88,11 +98,12 @@ __global__ void __launch_bounds__(ARGMAX_THREADS) argmax_part(float* __restrict_
   const int end = min(vocab, (p + 1) * chunk);
   float best = NEG_INF;
   int best_i = vocab;
+#pragma unroll 4
   for (int v = p * chunk + threadIdx.x; v < end; v += ARGMAX_THREADS) {
     const float l = row[v];
-    if (better(l, v, best, best_i)) best = l, best_i = v;
+    if (better_nan_max(l, v, best, best_i)) best = l, best_i = v;
   }
-  block_argmax<ARGMAX_THREADS>(best, best_i, vocab);
+  block_argmax<ARGMAX_THREADS, true>(best, best_i, vocab);
   if (threadIdx.x == 0) part_val[r * parts + p] = best, part_idx[r * parts + p] = best_i;
 }
 
@@ -101,6 +112,6 @@ __global__ void __launch_bounds__(32) argmax_final(long long* __restrict__ token
   const int r = blockIdx.x, lane = threadIdx.x;
   float best = lane < parts ? part_val[r * parts + lane] : NEG_INF;
   int best_i = lane < parts ? part_idx[r * parts + lane] : vocab;
-  warp_argmax(best, best_i);
+  warp_argmax<true>(best, best_i);
   if (lane == 0) tokens[r] = best_i < vocab ? best_i : 0;
 }
