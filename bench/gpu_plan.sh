@@ -4,9 +4,9 @@
 # some to run only those (default: all). Needs the ignored .gpu/ kit (prelude, wheels, the
 # default model's tokenizer in .gpu/tokenizer, CUDA headers in .gpu/cuda):
 #
-#   . .gpu/prelude.sh && bash bench/gpu_plan.sh [tests|alltests] [decode1b] [decode8b] [lora] [awq]
+#   . .gpu/prelude.sh && bash bench/gpu_plan.sh [tests|alltests] [decode1b] [decode8b] [lora] [loraprof] [awq]
 #
-# Budget: tests ~3 min, decode1b ~4 min, decode8b ~3 min, lora ~2 min, awq ~2 min on an H100.
+# Budget: tests ~3 min, decode1b ~4 min, decode8b ~3 min, lora ~2 min, loraprof ~2 min, awq ~2 min on an H100.
 set -u
 out=${OUT:-/tmp/lmq-gpu}
 mkdir -p "$out"
@@ -34,7 +34,9 @@ for step in "${steps[@]}"; do
       --backends turbomind turbomind-async pytorch --skip-attention --awq --json "$out/decode8b.json" ;;
     lora) run lora python3 bench/lora.py --random-1b --tokenizer $tok --backend turbomind --num-adapters 8 64 \
       --peft-batches 0 --json "$out/lora.json" ;;
+    loraprof) run loraprof python3 bench/profile_decode.py --random-1b --tokenizer $tok --backends turbomind \
+      --batch-sizes 32 --adapters 0 8 32 --json "$out/loraprof.json" --tables "$out/loraprof.txt" ;;
     awq) run awq python3 bench/awq_gemm.py --iters 30 --json "$out/awq_gemm.json" ;;
-    *) echo "unknown step $step (tests alltests decode1b decode8b lora awq)" ;;
+    *) echo "unknown step $step (tests alltests decode1b decode8b lora loraprof awq)" ;;
   esac
 done

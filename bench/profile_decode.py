@@ -3,6 +3,11 @@
 issue 16's "profile before optimizing").
 
     python bench/profile_decode.py --random-1b --batch-sizes 1 128 --json out.json --tables out.txt
+    python bench/profile_decode.py --random-1b --backends turbomind --batch-sizes 32 --adapters 0 8 64
+
+With --adapters, each count N profiles again with every sequence on one of N rank-16 adapters
+(bench/lora.py's random peft folders on all seven projections, sequence i on adapter i mod N;
+0: the base model on the same LoRA-enabled engine), to show what the LoRA kernels cost.
 
 For each batch size: every sequence is first prefilled (128-token random prompts), then a few
 decode steps warm up and --steps decode steps are traced. Reported per step: wall time (host
@@ -23,6 +28,7 @@ from pathlib import Path
 
 import _paths  # noqa: F401  (first: see its docstring)
 import torch
+from random_adapters import write_adapter
 from throughput import make_prompts, make_random_1b
 from torch.profiler import ProfilerActivity, profile
 from tqdm.auto import tqdm
@@ -31,12 +37,13 @@ from lmq import LLM, SamplingParams
 from lmq.weights import resolve_model
 
 
-def _decode_ready(llm: LLM, prompts: list[list[int]], warmup: int) -> None:
+def _decode_ready(llm: LLM, prompts: list[list[int]], warmup: int, adapters: int = 0) -> None:
     """Add the prompts and step until every sequence is decoding, then `warmup` more steps."""
     engine = llm.engine
     params = SamplingParams(temperature=0.0, max_tokens=256, ignore_eos=True)  # within max_model_len (input + 512)
     for i, p in enumerate(prompts):
-        engine.add_request(f"p{time.monotonic_ns()}-{i}", p, params)
+        name = f"a{i % adapters}" if adapters else None
+        engine.add_request(f"p{time.monotonic_ns()}-{i}", p, params, adapter=name)
     while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running) \
             or engine.scheduler.waiting:
         engine.step()
@@ -71,6 +78,9 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--backends", nargs="+", default=["pytorch", "turbomind"], choices=["pytorch", "turbomind"])
+    ap.add_argument("--adapters", type=int, nargs="+", default=None,
+                    help="profile with sequences spread over N rank-16 adapters for each N (0: base model)")
+    ap.add_argument("--rank", type=int, default=16, help="rank of the --adapters adapters")
     ap.add_argument("--eager", action="store_true", help="also profile without CUDA graphs")
     ap.add_argument("--json", default=None)
     ap.add_argument("--tables", default=None, help="write the profiler's top-kernel tables here")
@@ -85,18 +95,26 @@ def main() -> None:
     rows, tables = [], []
     for backend in args.backends:
         for graphs in (True, False) if args.eager else (True,):
+            counts = args.adapters or [0]
+            slots = max(1, min(max(counts), max(args.batch_sizes)))  # as bench/lora.py
+            lora = {} if args.adapters is None else {"enable_lora": True, "max_loras": slots,
+                                                      "max_cpu_loras": max(max(counts), slots),
+                                                      "max_lora_rank": args.rank}
             llm = LLM(folder, device="cuda", dtype="bfloat16", max_num_seqs=max(args.batch_sizes),
-                      max_model_len=args.input_len + 512, enable_cuda_graph=graphs, backend=backend)
+                      max_model_len=args.input_len + 512, enable_cuda_graph=graphs, backend=backend, **lora)
             vocab = llm.engine.config.model.vocab_size
-            for b in tqdm(args.batch_sizes, desc=f"{backend}, cuda graphs {'on' if graphs else 'off'}"):
-                _decode_ready(llm, make_prompts(b, args.input_len, vocab, seed=b), warmup=5)
+            for i in tqdm(range(max(counts)), desc="adapters", disable=not max(counts)):
+                llm.load_adapter(f"a{i}", str(write_adapter(tmp / f"a{i}", llm, args.rank, i, "cuda")))
+            for b, n in tqdm([(b, n) for b in args.batch_sizes for n in counts],
+                             desc=f"{backend}, cuda graphs {'on' if graphs else 'off'}"):
+                _decode_ready(llm, make_prompts(b, args.input_len, vocab, seed=b), warmup=5, adapters=n)
                 stats, table = _profile_steps(llm, args.steps)
                 for rid in list(llm.engine.requests):
                     llm.engine.abort(rid)
-                rows.append({"backend": backend, "batch": b, "cuda_graphs": graphs, **stats})
-                tables.append(f"== {backend}, batch {b}, CUDA graphs {'on' if graphs else 'off'}\n{table}")
-                print(f"{backend:9s} batch {b:4d} graphs {'on ' if graphs else 'off'}: wall "
-                      f"{stats['wall_ms_per_step']:.2f} ms, GPU {stats['gpu_ms_per_step']:.2f} ms "
+                rows.append({"backend": backend, "batch": b, "adapters": n, "cuda_graphs": graphs, **stats})
+                what = f"{backend}, batch {b}, {n} adapters, CUDA graphs {'on' if graphs else 'off'}"
+                tables.append(f"== {what}\n{table}")
+                print(f"{what}: wall {stats['wall_ms_per_step']:.2f} ms, GPU {stats['gpu_ms_per_step']:.2f} ms "
                       f"({100 * stats['gpu_busy_share']:.0f}%), {stats['kernels_per_step']:.0f} kernels/step")
             del llm
             torch.cuda.empty_cache()
