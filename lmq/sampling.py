@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lmq.step_input import SamplingMode, StepSampling
+from lmq.step_input import SamplingMode, StepSampling, greedy_row
 from lmq.structured import GuidedDecodingParams, as_guided
 from lmq.transfer import HostCopy, to_device
 
@@ -563,7 +563,7 @@ class Sampler:
         for i, r in enumerate(rows):
             p = r.params
             if p.greedy:
-                params.append((0.0, 1.0, 0.0, float(vocab)))
+                params.append(greedy_row(vocab))
             else:
                 rand.append(i)
                 params.append((p.temperature, p.top_p, p.min_p, float(min(p.top_k, vocab) if p.top_k > 0 else vocab)))

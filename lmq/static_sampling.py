@@ -19,12 +19,12 @@ from collections.abc import Callable
 import torch
 
 from lmq.sampling import Race, counter_race, mask_logits
-from lmq.step_input import StepSampling
+from lmq.step_input import StepSampling, greedy_row
 
 
 def greedy_params(rows: int, vocab: int, device: torch.device) -> torch.Tensor:
     """[rows, 4] params of greedy rows (a CUDA graph's padded rows)."""
-    return torch.tensor([0.0, 1.0, 0.0, float(vocab)], device=device).repeat(rows, 1)
+    return torch.tensor(greedy_row(vocab), device=device).repeat(rows, 1)
 
 
 def sample_static(logits: torch.Tensor, sampling: StepSampling, race: Race | None,

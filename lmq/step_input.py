@@ -48,6 +48,11 @@ class SamplingMode:
 GREEDY = SamplingMode()
 
 
+def greedy_row(vocab: int) -> tuple[float, float, float, float]:
+    """`StepSampling.params` of a greedy row: temperature 0, no top-p, min-p or top-k."""
+    return (0.0, 1.0, 0.0, float(vocab))
+
+
 @dataclass(frozen=True)
 class StepSampling:
     """One decode step's draws as device tensors, rows in the step's sequence order, for a

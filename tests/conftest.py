@@ -145,6 +145,20 @@ def random_prompts(n: int, lengths: list[int], seed: int, vocab: int = VOCAB) ->
 PROMPTS = ("The quick brown", "Hello", "What is", "lmq serves", "Blocked KV", "The capital", "fine-tuned")
 
 
+def assert_same_outputs(a, b) -> None:
+    """Two runs' RequestOutputs agree: tokens, text, finish and stop reasons, and logprobs
+    (the same candidates, values within 1e-4)."""
+    for x, y in zip(a, b, strict=True):
+        assert len(x.outputs) == len(y.outputs)
+        for cx, cy in zip(x.outputs, y.outputs):
+            assert (cx.token_ids, cx.text, cx.finish_reason, cx.stop_reason) == \
+                   (cy.token_ids, cy.text, cy.finish_reason, cy.stop_reason)
+            assert (cx.logprobs is None) == (cy.logprobs is None)
+            for lx, ly in zip(cx.logprobs or [], cy.logprobs or [], strict=True):
+                assert lx.keys() == ly.keys()
+                assert all(abs(lx[t].logprob - ly[t].logprob) < 1e-4 for t in lx)
+
+
 def plain_piece(text: str, width: int) -> str | None:
     """A substring of printable ASCII characters after the first one: random models also emit
     bytes that decode to no text, and those make poor stop strings."""

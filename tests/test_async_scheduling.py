@@ -14,7 +14,7 @@ from dataclasses import replace
 import pytest
 from schema_fixtures import random_schema, value_end_bias
 
-from conftest import PROMPTS, SEED, plain_piece, random_prompts, wait_for
+from conftest import PROMPTS, SEED, assert_same_outputs, plain_piece, random_prompts, wait_for
 from lmq import LLM, SamplingParams
 from lmq.async_engine import AsyncEngine
 from lmq.llm import build_engine_config
@@ -57,18 +57,6 @@ def _idle(llm: LLM) -> None:
     assert not eng.scheduler.running and not eng.scheduler.waiting and not eng.has_unfinished()
 
 
-def _same(a, b) -> None:
-    for x, y in zip(a, b, strict=True):
-        assert len(x.outputs) == len(y.outputs)
-        for cx, cy in zip(x.outputs, y.outputs):
-            assert (cx.token_ids, cx.text, cx.finish_reason, cx.stop_reason) == \
-                   (cy.token_ids, cy.text, cy.finish_reason, cy.stop_reason)
-            assert (cx.logprobs is None) == (cy.logprobs is None)
-            for lx, ly in zip(cx.logprobs or [], cy.logprobs or []):
-                assert lx.keys() == ly.keys()
-                assert all(abs(lx[t].logprob - ly[t].logprob) < 1e-4 for t in lx)
-
-
 @pytest.fixture(scope="module")
 def pair(tiny_models) -> tuple[LLM, LLM]:
     return _pair(tiny_models["llama"], num_kv_blocks=200)
@@ -98,7 +86,7 @@ def test_outputs_equal_the_synchronous_engine(pair):
         else:
             params.append(replace(greedy, max_tokens=17, logprobs=1))
     with _builds(fast) as builds:
-        _same(sync.generate(prompts, params), fast.generate(prompts, params))
+        assert_same_outputs(sync.generate(prompts, params), fast.generate(prompts, params))
     assert _gathers(builds) > 50  # the async path ran: most decodes read their token on the device
     fast.engine.step()  # the step launched after the last request ended computes nothing kept
     _idle(sync), _idle(fast)
@@ -129,7 +117,7 @@ def test_a_request_that_reads_its_tokens_on_the_host_keeps_steps_synchronous(pai
     # The third outlives the first (a grammar's up to 200 tokens), so it pends once that is done.
     params = [_sync_only(kind, sync, prompts[0]), base, replace(base, max_tokens=230), replace(base, logprobs=2)]
     with _builds(fast) as steps:
-        _same(sync.generate(prompts, params), fast.generate(prompts, params))
+        assert_same_outputs(sync.generate(prompts, params), fast.generate(prompts, params))
     # (the request is in the step, a token is read from the step in flight), per step
     builds = [(any(seq.prompt_token_ids == prompts[0] for seq, _ in step), any(r for _, r in step)) for step in steps]
     assert any(held for held, _ in builds) and not any(held and read for held, read in builds)
@@ -148,7 +136,7 @@ def test_forks_and_prompt_logprobs_match(pair, kind):
         replace(base, prompt_logprobs=2, logprobs=1)
     params = [first, base, replace(base, max_tokens=33), base]
     a, b = sync.generate(prompts, params), fast.generate(prompts, params)
-    _same(a, b)
+    assert_same_outputs(a, b)
     if kind == "prompt_logprobs":
         for x, y in zip(a[0].prompt_logprobs[1:], b[0].prompt_logprobs[1:], strict=True):
             assert x.keys() == y.keys() and all(abs(x[t].logprob - y[t].logprob) < 1e-4 for t in x)
@@ -163,13 +151,13 @@ def test_preemption_and_prefix_cache_hits_while_tokens_are_pending(tiny_models):
     prompts = random_prompts(8, [30, 45, 20], seed=53)
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     with _builds(fast) as builds:
-        _same(sync.generate(prompts, params), fast.generate(prompts, params))
+        assert_same_outputs(sync.generate(prompts, params), fast.generate(prompts, params))
     assert fast.engine.scheduler.num_preemptions > 0 and _gathers(builds) > 0
     first = [llm.generate(prompts[:3], params) for llm in (sync, fast)]  # 3 fit: nothing is evicted
-    _same(*first)
+    assert_same_outputs(*first)
     again = [p + o.outputs[0].token_ids[:16] for p, o in zip(prompts[:3], first[0])]
     before = [llm.engine.block_manager.prefix_hits for llm in (sync, fast)]
-    _same(sync.generate(again, params), fast.generate(again, params))
+    assert_same_outputs(sync.generate(again, params), fast.generate(again, params))
     hits = [llm.engine.block_manager.prefix_hits - b for llm, b in zip((sync, fast), before)]
     assert hits[0] == hits[1] > 0
     fast.engine.step()

@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from conftest import SEED, random_prompts
+from conftest import SEED, assert_same_outputs, random_prompts
 from lmq import LLM, SamplingParams
 from lmq.block_manager import blocks_for
 from lmq.sampling import Sampler, SamplerRow, counter_race, step_seed
@@ -118,16 +118,6 @@ def _with_graphs(folder, **kw) -> LLM:
     return llm
 
 
-def _same(a, b) -> None:
-    for x, y in zip(a, b, strict=True):
-        for cx, cy in zip(x.outputs, y.outputs, strict=True):
-            assert (cx.token_ids, cx.finish_reason) == (cy.token_ids, cy.finish_reason)
-            assert (cx.logprobs is None) == (cy.logprobs is None)
-            for lx, ly in zip(cx.logprobs or [], cy.logprobs or [], strict=True):
-                assert lx.keys() == ly.keys()
-                assert all(abs(lx[t].logprob - ly[t].logprob) < 1e-4 for t in lx)
-
-
 def _params(rng: random.Random, n: int) -> list[SamplingParams]:
     """Greedy and seeded draws (unseeded ones are drawn differently without a backend race),
     some with logprobs, the last with a penalty (its steps are sampled by the sampler)."""
@@ -150,7 +140,7 @@ def test_engine_drawing_inside_decode_graphs_equals_the_sampler(tiny_models, asy
     params = _params(rng, 7)
     plain = LLM(str(tiny_models["llama"]), async_scheduling=async_scheduling, **OPTS)
     graphs = _with_graphs(tiny_models["llama"], async_scheduling=async_scheduling)
-    _same(graphs.generate([{"prompt_token_ids": p} for p in prompts], params),
+    assert_same_outputs(graphs.generate([{"prompt_token_ids": p} for p in prompts], params),
           plain.generate([{"prompt_token_ids": p} for p in prompts], params))
     g = graphs.engine.runner.graphs
     assert g.replays > 0
@@ -161,5 +151,5 @@ def test_engine_drawing_inside_decode_graphs_equals_the_sampler(tiny_models, asy
     launch = graphs.engine.sampler.launch
     graphs.engine.sampler.launch = lambda *a: launches.append(1) or launch(*a)
     outs = graphs.generate([{"prompt_token_ids": p} for p in prompts[:6]], params[:6])
-    _same(outs, plain.generate([{"prompt_token_ids": p} for p in prompts[:6]], params[:6]))
+    assert_same_outputs(outs, plain.generate([{"prompt_token_ids": p} for p in prompts[:6]], params[:6]))
     assert 0 < len(launches) < max(len(o.outputs[0].token_ids) for o in outs)  # the prefills' draws only
