@@ -150,6 +150,7 @@ def weight_bytes(llm: LLM) -> int:
 
 def attention_alone(bandwidth: float) -> dict:
     from turbomind import ops
+    from turbomind.launch import DECODE_STAGE_SWEEP
 
     b, ctx, h, hkv, d, bs = 64, 4096, 32, 8, 128, 16
     nb = ctx // bs
@@ -160,18 +161,30 @@ def attention_alone(bandwidth: float) -> dict:
     lens = torch.full((b,), ctx, dtype=torch.int32, device="cuda")
     q = torch.randn(b, h, d, device="cuda", generator=g).to(torch.bfloat16)
     out = torch.empty_like(q)
-    for _ in range(3):
-        ops.decode_attention(q, kc, vc, tables, lens, d ** -0.5, None, out)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(20):
-        ops.decode_attention(q, kc, vc, tables, lens, d ** -0.5, None, out)
-    end.record()
-    torch.cuda.synchronize()
-    sec = start.elapsed_time(end) / 1e3 / 20
     kv_bytes = 2 * kc.numel() * kc.element_size()
+
+    def timed() -> float:  # seconds a call, 20 calls after 3 (compiling, warming)
+        for _ in range(3):
+            ops.decode_attention(q, kc, vc, tables, lens, d ** -0.5, None, out)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            ops.decode_attention(q, kc, vc, tables, lens, d ** -0.5, None, out)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3 / 20
+
+    default, by_stages = ops.DECODE_STAGES, {}
+    try:
+        for stages in DECODE_STAGE_SWEEP:  # decode_attention.cu's cp.async pipeline depth
+            ops.DECODE_STAGES = stages
+            by_stages[stages] = kv_bytes / timed() / bandwidth
+    finally:
+        ops.DECODE_STAGES = default
+    sec = timed()
     return {"batch": b, "context": ctx, "us": sec * 1e6, "kv_gb_s": kv_bytes / sec / 1e9,
-            "share_of_copy_bandwidth": kv_bytes / sec / bandwidth}
+            "share_of_copy_bandwidth": kv_bytes / sec / bandwidth, "stages": default,
+            "share_by_stages": by_stages}
 
 
 def short_context_splits(ctx: int = 192, calls: int = 50) -> dict[int, float]:

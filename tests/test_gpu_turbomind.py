@@ -21,6 +21,7 @@ from lmq import LLM, SamplingParams
 from lmq.step_input import StepInput
 from torch_engine import ops as ref
 from torch_engine.attention_metadata import AttentionMetadata
+from turbomind.launch import DECODE_STAGE_SWEEP
 
 pytestmark = pytest.mark.gpu
 
@@ -139,9 +140,13 @@ def test_attention_mixed_step(tm, dtype, h, hkv, d, bs, window):
     _close(got[nd:], expected[nd:], dtype, "prefill attention")
 
 
+@pytest.mark.parametrize("stages", [None, *DECODE_STAGE_SWEEP])
 @pytest.mark.parametrize("b, ctx", [(1, 33), (3, 1000), (64, 4096)])
-def test_decode_attention_batch_shapes(tm, b, ctx):
-    """Batch sizes that give split-K (1, 3) and a full grid without it (64 x 4096, the benchmark's shape)."""
+def test_decode_attention_batch_shapes(tm, monkeypatch, b, ctx, stages):
+    """Batch sizes that give split-K (1, 3) and a full grid without it (64 x 4096, the benchmark's
+    shape), at the default pipeline depth and at each depth the benchmark sweeps."""
+    if stages is not None:
+        monkeypatch.setattr(tm, "DECODE_STAGES", stages)
     g = torch.Generator("cuda").manual_seed(SEED + b)
     bs, dtype = 16, torch.bfloat16
     step = _step([1] * b, [ctx - i % 7 for i in range(b)], b, bs, b * ((ctx + bs - 1) // bs) + 1, g)

@@ -18,16 +18,32 @@ from turbomind.compiler import compile_kernel_file
 CTYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
 HEAD_DIMS = (64, 128)
 HEADS_PER_CTA = (1, 2, 4, 8)  # decode attention: query heads of one KV head handled per CTA
+DECODE_STAGES = 3  # decode_attention.cu's cp.async pipeline depth for 16-bit caches (BENCHMARKS.md)
+DECODE_STAGE_SWEEP = (1, 2, 3, 4)
 NULL = np.uint64(0)  # a null pointer argument
 i64 = np.int64  # a `long long` argument (plain ints are passed as int32)
+
+
+
+def decode_stages(ctype: str, head_dim: int, heads_per_cta: int, stages: int = DECODE_STAGES) -> int:
+    """decode_attention's pipeline depth for a cache type and shape: at most `stages`, as many as
+    fit the 48 KB of static shared memory beside the final merge's [4 warps, HPC, D] floats.
+    A stage holds 2 tokens' K and V rows for each of the 128 threads (8 elements a thread)."""
+    size = 4 if ctype == "float" else 2
+    stage_bytes = 2 * 2 * 128 * 8 * size
+    merge_bytes = 4 * heads_per_cta * (head_dim + 2) * 4
+    return max(1, min(stages, (48 * 1024 - merge_bytes) // stage_bytes))
+
 
 INSTANTIATIONS: dict[str, tuple[str, ...]] = {
     "norm.cu": tuple(f"rms_norm<{t}>" for t in CTYPES.values())
     + tuple(f"rms_norm_vec<{t}, {v}>" for t in CTYPES.values() for v in (1, 2, 4)),
     "activation.cu": tuple(f"silu_and_mul<{t}>" for t in CTYPES.values()),
     "rotary_kv.cu": tuple(f"rotary_write_kv<{t}>" for t in CTYPES.values()),
-    "decode_attention.cu": tuple(f"decode_attention<{t}, {d}, {h}>" for t in CTYPES.values() for d in HEAD_DIMS
-                                 for h in HEADS_PER_CTA)
+    "decode_attention.cu": tuple(f"decode_attention<{t}, {d}, {h}, {decode_stages(t, d, h)}>" for t in CTYPES.values()
+                                 for d in HEAD_DIMS for h in HEADS_PER_CTA)
+    # bench/turbomind_decode.py's pipeline-depth sweep, on its shape (bf16, head_dim 128, 4 heads a CTA)
+    + tuple(f"decode_attention<__nv_bfloat16, 128, 4, {s}>" for s in DECODE_STAGE_SWEEP if s != DECODE_STAGES)
     + tuple(f"decode_attention_reduce<{t}>" for t in CTYPES.values()),
     "awq_gemv.cu": tuple(f"awq_gemv<{t}, {r}, {v}>" for t in CTYPES.values() for r in (1, 2, 4, 8) for v in (1, 2, 4)
                          if r * v <= 16)

@@ -19,7 +19,17 @@ from lora.ops import add_lora as torch_add_lora
 from torch_engine import ops as torch_ops
 from torch_engine.attention_metadata import AttentionMetadata
 from torch_engine.ops import embedding  # noqa: F401  (the embedding gather stays torch's)
-from turbomind.launch import CTYPES, HEAD_DIMS, HEADS_PER_CTA, NULL, device_index, i64, launch
+from turbomind.launch import (
+    CTYPES,
+    DECODE_STAGES,
+    HEAD_DIMS,
+    HEADS_PER_CTA,
+    NULL,
+    decode_stages,
+    device_index,
+    i64,
+    launch,
+)
 
 __all__ = ["add_lora", "argmax_rows", "attention", "attention_backends", "awq_linear", "dense_gemv", "embedding",
            "linear", "rms_norm", "rotary_write_kv", "sample_race", "silu_and_mul"]
@@ -206,7 +216,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         ws_ml = torch.empty(b, heads, splits, 2, dtype=torch.float32, device=q.device)
     else:
         ws_acc = ws_ml = NULL
-    launch("decode_attention.cu", f"decode_attention<{t}, {d}, {hpc}>", q.device, (b, kv_heads * chunks, splits),
+    name = f"decode_attention<{t}, {d}, {hpc}, {decode_stages(t, d, hpc, DECODE_STAGES)}>"
+    launch("decode_attention.cu", name, q.device, (b, kv_heads * chunks, splits),
            (DECODE_THREADS,), (out, ws_acc, ws_ml, q, k_cache, v_cache, block_tables, i64(block_tables.stride(0)),
                                context_lens, heads, kv_heads, block_size, split_tokens, float(scale),
                                window or 0))

@@ -12,6 +12,11 @@
 //   split s covers tokens [s * split_tokens, (s + 1) * split_tokens)
 //   iteration i of group g handles tokens base + g and base + g + NG (UNROLL = 2), base += 2 NG
 //
+// K/V rows stream in through a STAGES-deep cp.async pipeline: while iteration i computes, the
+// copies of iterations i+1 .. i+STAGES-1 are in flight (STAGES = 1: load, wait, compute). Each
+// thread copies into and reads back only its own shared-memory slots, so a thread's
+// cp.async.wait_group is the only synchronization the stages need.
+//
 // q: contiguous [B, H, D]; caches: contiguous [blocks, bs, Hkv, D]; block_tables: [B, >= nb] int32
 // rows of stride bt_stride; context_lens: [B] int32 (>= 1). out: contiguous [B, H, D] (S == 1);
 // ws_acc: [B, H, S, D] float, ws_ml: [B, H, S, 2] float (S > 1). window <= 0: no window.
@@ -19,6 +24,15 @@
 #include <cuda_fp16.h>
 
 #define NEG_INF __int_as_float(0xff800000)  // -inf (NVRTC has no <cmath> INFINITY)
+
+// 16 bytes global -> shared, asynchronously (sm_80+); completion is tracked in commit groups
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>  // wait until at most N of this thread's commit groups are pending
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 __device__ __forceinline__ void load8(const float* p, float* f) {
   const float4 a = *reinterpret_cast<const float4*>(p), b = *reinterpret_cast<const float4*>(p + 4);
@@ -66,7 +80,7 @@ __device__ __forceinline__ void attend(const float (&qv)[HPC][8], const float* k
   }
 }
 
-template <typename T, int D, int HPC>
+template <typename T, int D, int HPC, int STAGES>
 __global__ void __launch_bounds__(128) decode_attention(
     T* __restrict__ out, float* __restrict__ ws_acc, float* __restrict__ ws_ml, const T* __restrict__ q,
     const T* __restrict__ k_cache, const T* __restrict__ v_cache, const int* __restrict__ block_tables,
@@ -105,18 +119,46 @@ __global__ void __launch_bounds__(128) decode_attention(
 
   const long long row = static_cast<long long>(kv_heads) * D;  // elements from one slot to the next
   const int* table = block_tables + b * bt_stride;
-  for (int base = t_begin; base < t_end; base += NG * UNROLL) {  // uniform across the CTA
+  constexpr int CH = sizeof(T) / 2;  // 16-byte chunks in a thread's 8 elements
+  constexpr int STEP = NG * UNROLL;  // tokens per iteration
+  // [stage][u][thread][chunk]: a thread's 8 elements of K (V) of its u-th token in a stage
+  __shared__ uint4 sk[STAGES][UNROLL][128][CH], sv[STAGES][UNROLL][128][CH];
+  const int tid = threadIdx.x;
+  auto issue = [&](int stage, int base) {  // the copies of the iteration at `base` (none past t_end)
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int t = base + u * NG + grp;
+      if (t < t_end) {
+        const long long off = (static_cast<long long>(table[t / block_size]) * block_size + t % block_size) * row +
+                              kvh * D + gl * 8;
+#pragma unroll
+        for (int c = 0; c < CH; ++c) {
+          cp_async16(&sk[stage][u][tid][c], k_cache + off + c * (8 / CH));
+          cp_async16(&sv[stage][u][tid][c], v_cache + off + c * (8 / CH));
+        }
+      }
+    }
+  };
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {  // prologue: the first STAGES - 1 iterations in flight
+    issue(s, t_begin + s * STEP);
+    cp_async_commit();
+  }
+  int stage = 0;
+  for (int base = t_begin; base < t_end; base += STEP) {  // uniform across the CTA
+    // refill the slot iteration i-1 read (this thread's reads of it are done: its values fed
+    // the math before this point), then wait for iteration i's own group
+    issue((stage + STAGES - 1) % STAGES, base + (STAGES - 1) * STEP);
+    cp_async_commit();
+    cp_async_wait<STAGES - 1>();
     float kf[UNROLL][8], vf[UNROLL][8];
     bool valid[UNROLL];
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {  // all loads first: several in flight per thread
-      const int t = base + u * NG + grp;
-      valid[u] = t < t_end;
+    for (int u = 0; u < UNROLL; ++u) {
+      valid[u] = base + u * NG + grp < t_end;
       if (valid[u]) {
-        const long long off = (static_cast<long long>(table[t / block_size]) * block_size + t % block_size) * row +
-                              kvh * D + gl * 8;
-        load8(k_cache + off, kf[u]);
-        load8(v_cache + off, vf[u]);
+        load8(reinterpret_cast<const T*>(&sk[stage][u][tid][0]), kf[u]);
+        load8(reinterpret_cast<const T*>(&sv[stage][u][tid][0]), vf[u]);
       } else {
 #pragma unroll
         for (int i = 0; i < 8; ++i) kf[u][i] = vf[u][i] = 0.f;
@@ -124,7 +166,9 @@ __global__ void __launch_bounds__(128) decode_attention(
     }
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) attend<HPC, GS>(qv, kf[u], vf[u], valid[u], m, l, acc);
+    stage = (stage + 1) % STAGES;
   }
+  cp_async_wait<0>();  // no copy outlives the CTA (the groups past t_end are empty)
 
   // merge the warp's groups: lanes with the same gl hold the same 8 elements of different tokens
 #pragma unroll
