@@ -239,11 +239,13 @@ LORA_RTOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}  # 
 @pytest.mark.parametrize("parts, in_features, rank, with_rows", [([2048, 512, 512], 2048, 16, False),
                                                                   ([8192, 8192], 2048, 8, True),
                                                                   ([4096], 14336, 16, False),
-                                                                  ([40, 24, 24], 48, 4, True)])
+                                                                  ([40, 24, 24], 48, 4, True),
+                                                                  ([36, 30, 30], 64, 12, False)])
 def test_lora_gather_kernels(tm, dtype, parts, in_features, rank, with_rows):
     """lora.cu's shrink/expand (each token reads its own slot) against lora.ops.add_lora (every
     slot, masked by the one-hot): mixed slots and base tokens, ranks under the step's bucket,
-    eager steps' row subsets and graph steps' all-rows form."""
+    eager steps' row subsets and graph steps' all-rows form; rank x parts not a multiple of the
+    shrink's rows per CTA; part starts that only allow the expand's 2-column form (the last case)."""
     from lora.ops import LoRAMetadata, LoRAStack, add_lora
 
     g = torch.Generator("cuda").manual_seed(SEED + sum(parts) + rank)

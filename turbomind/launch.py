@@ -49,7 +49,8 @@ INSTANTIATIONS: dict[str, tuple[str, ...]] = {
                          if r * v <= 16)
     + tuple(f"awq_gemv_reduce<{t}>" for t in CTYPES.values()),
     "awq_gemm.cu": ("awq_gemm<__half>", "awq_gemm<__nv_bfloat16>"),  # tensor cores: 16-bit only
-    "lora.cu": tuple(f"lora_{k}<{t}>" for k in ("shrink", "expand") for t in CTYPES.values()),
+    "lora.cu": tuple(f"lora_shrink<{t}>" for t in CTYPES.values())
+    + tuple(f"lora_expand<{t}, {n}>" for t in CTYPES.values() for n in sorted({2, 16 // (4 if t == "float" else 2)})),
     "sample.cu": ("sample_race", "argmax_part", "argmax_final"),
     "gemv.cu": tuple(f"dense_gemv<{t}, {r}, 2>" for t in ("__half", "__nv_bfloat16") for r in (1, 2, 4)),
     "prefill_attention.cu": tuple(f"prefill_attention<{t}, {d}>" for t in CTYPES.values() for d in HEAD_DIMS),

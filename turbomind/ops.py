@@ -50,8 +50,9 @@ SAMPLE_THREADS = 1024  # sample.cu's THREADS
 ARGMAX_THREADS = 256  # sample.cu's ARGMAX_THREADS
 ARGMAX_MAX_PARTS = 32  # argmax_final reduces the parts in one warp
 ARGMAX_MIN_CHUNK = 2048  # logits per argmax_part CTA at least (8 per thread)
-LORA_SHRINK_WARPS = 8  # lora.cu's SHRINK_WARPS
-LORA_EXPAND_COLUMNS = 512  # lora.cu: EXPAND_THREADS x 2 columns per CTA
+LORA_SHRINK_THREADS = 256  # lora.cu's SHRINK_THREADS
+LORA_SHRINK_ROWS = 8  # lora.cu's SHRINK_ROWS: rows of A per shrink CTA
+LORA_EXPAND_THREADS = 128  # lora.cu's EXPAND_THREADS
 LORA_MAX_RANK_PARTS = 768  # lora.cu's MAX_RANK_PARTS
 AWQ_GEMM_TILE = (64, 128, 32)  # awq_gemm.cu's BM, BN, BK
 # more rows go to dequantize + cuBLAS; awq_gemm was the faster up to 2048, the largest size
@@ -266,6 +267,15 @@ def _lora_kernels_take(y: torch.Tensor, x: torch.Tensor, stack: LoRAStack, meta:
             and y.stride(1) == 1 and x.dtype == y.dtype == stack.a.dtype)
 
 
+def _expand_columns(y: torch.Tensor, stack: LoRAStack) -> int:
+    """lora_expand's columns per thread: one 16-byte vector where the output width, the part
+    starts and y's rows and base allow it, else 2 (even starts: `_lora_kernels_take`)."""
+    vec = 16 // y.element_size()
+    aligned = (y.shape[1] % vec == 0 and all(o % vec == 0 for o in stack.offsets) and y.stride(0) % vec == 0
+               and y.data_ptr() % 16 == 0)
+    return vec if aligned else 2
+
+
 def add_lora(y: torch.Tensor, x: torch.Tensor, stack: LoRAStack, meta: LoRAMetadata) -> torch.Tensor:
     """lora.ops.add_lora with lora.cu's gather kernels: each token reads only its own slot's
     ranks [0, meta.rank) (the oracle multiplies every slot's). y [T, out] gets the deltas in place."""
@@ -282,11 +292,12 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, stack: LoRAStack, meta: LoRAMetad
         return y
     h = torch.empty(n, r * parts, dtype=torch.float32, device=y.device)  # every token's down-projection
     num_slots, in_features, out = stack.a.shape[1], x.shape[1], y.shape[1]
-    launch("lora.cu", f"lora_shrink<{t}>", y.device, (n, -(-r * parts // LORA_SHRINK_WARPS)),
-           (32 * LORA_SHRINK_WARPS,), (h, x, stack.a, slots, rows, r, num_slots, parts, in_features, i64(x.stride(0))))
+    launch("lora.cu", f"lora_shrink<{t}>", y.device, (n, -(-r * parts // LORA_SHRINK_ROWS)),
+           (LORA_SHRINK_THREADS,), (h, x, stack.a, slots, rows, r, num_slots, parts, in_features, i64(x.stride(0))))
     starts = [*stack.offsets[1:], out, out][:2]  # parts 1 and 2 begin here (`out`: no such part)
-    launch("lora.cu", f"lora_expand<{t}>", y.device, (n, -(-out // LORA_EXPAND_COLUMNS)), (LORA_EXPAND_COLUMNS // 2,),
-           (y, h, stack.b, slots, rows, r, num_slots, parts, out, *starts, i64(y.stride(0))))
+    cols = _expand_columns(y, stack)
+    launch("lora.cu", f"lora_expand<{t}, {cols}>", y.device, (n, -(-out // (cols * LORA_EXPAND_THREADS))),
+           (LORA_EXPAND_THREADS,), (y, h, stack.b, slots, rows, r, num_slots, parts, out, *starts, i64(y.stride(0))))
     return y
 
 
