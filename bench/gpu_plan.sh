@@ -31,7 +31,7 @@ for step in "${steps[@]}"; do
     decode1b) run decode1b python3 bench/turbomind_decode.py --shape 1b --tokenizer $tok \
       --backends turbomind turbomind-async pytorch pytorch-async hf --json "$out/decode1b.json" ;;
     decode8b) run decode8b python3 bench/turbomind_decode.py --shape 8b --tokenizer $tok --batch-sizes 1 128 \
-      --backends turbomind turbomind-async pytorch --skip-attention --awq --json "$out/decode8b.json" ;;
+      --backends turbomind turbomind-async pytorch --skip-attention --awq --prefill 2048 --json "$out/decode8b.json" ;;
     lora) run lora python3 bench/lora.py --random-1b --tokenizer $tok --backend turbomind --num-adapters 8 64 \
       --peft-batches 0 --json "$out/lora.json" ;;
     loraprof) run loraprof python3 bench/profile_decode.py --random-1b --tokenizer $tok --backends turbomind \

@@ -14,6 +14,9 @@ Random weights in the Llama-3.2-1B or Llama-3-8B shape, bf16. Reported:
 - decode attention alone at batch 64 x 4,096 context (32 / 8 heads, head_dim 128): K and V
   bytes / kernel time, as a share of the copy bandwidth; and at batch 1 x 192 keys (the 1B
   shape) for each split-K threshold (MIN_SPLIT_TOKENS), to choose it;
+- with --prefill N: each lmq engine's prefill of one N-token prompt (the time to its first
+  token, best of 3) as a share of the measured matmul rate (a bf16 8192^3 matmul): the
+  projections' 2 * T * params FLOPs plus causal attention's 2 * 2 * layers * H * D * T^2 / 2;
 - with --awq: the same model round-to-nearest quantized to an AutoAWQ GEMM checkpoint (group
   128, float16 activations), batch-1 decode on turbomind against the bf16 model's (issue 13).
 """
@@ -88,6 +91,36 @@ def copy_bandwidth() -> float:
         torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t)
     return 2 * src.numel() / best
+
+
+def matmul_rate(n: int = 8192) -> float:
+    """FLOP/s of a bf16 n x n x n torch matmul (cuBLAS), best of 5."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn_like(a)
+    a @ b
+    best = float("inf")
+    for _ in range(5):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def prefill_share(llm: LLM, tokens: int, rate: float) -> dict:
+    """One `tokens`-long prompt's prefill (time to the first token, best of 3 after a warm-up)
+    against `rate`: the FLOPs of the projections and of causal attention over that time."""
+    cfg = llm.engine.config.model
+    prompt = bench_prompts(1, tokens)
+    timed_generate(llm, prompt, 1)
+    sec = min(timed_generate(llm, prompt, 1) for _ in range(3))
+    layer_params = sum(p.numel() for n, p in llm.engine.runner.model.named_parameters()
+                       if n.startswith("layers.") and p.dim() == 2)
+    heads, head_dim = cfg.num_heads, cfg.head_dim
+    flops = 2 * tokens * layer_params + 2 * 2 * cfg.num_layers * heads * head_dim * tokens ** 2 / 2
+    return {"tokens": tokens, "ms": sec * 1e3, "tflop_s": flops / sec / 1e12,
+            "share_of_matmul_rate": flops / sec / rate}
 
 
 def bench_prompts(batch: int, input_len: int) -> list[list[int]]:
@@ -234,17 +267,19 @@ def main() -> None:
     ap.add_argument("--backends", nargs="+", default=["turbomind", "pytorch"],
                     help="lmq backends (NAME-async: with --async-scheduling), and hf for transformers' generate")
     ap.add_argument("--skip-attention", action="store_true")
+    ap.add_argument("--prefill", type=int, default=0, help="also time one prompt of this many tokens (0: skip)")
     ap.add_argument("--awq", action="store_true", help="also batch-1 decode of an AWQ copy on turbomind")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
     bandwidth = copy_bandwidth()
+    rate = matmul_rate() if args.prefill else float("nan")
     tmp = Path(tempfile.mkdtemp(prefix="lmq-tm-"))
     folder = make_model(tmp, args.shape, args.tokenizer)
     runs = [(b, folder, "bfloat16") for b in args.backends]
     if args.awq:
         runs.append(("turbomind-awq", make_awq(folder, tmp / "awq"), "float16"))
-    rows = []
+    rows, prefills = [], {}
     for backend, model_dir, dtype in runs:
         if backend == "hf":  # the roofline columns are the engines'; HF's row is its tok/s
             for b in tqdm(args.batch_sizes, desc="hf batch sizes"):
@@ -257,7 +292,8 @@ def main() -> None:
         llm = LLM(str(model_dir), device="cuda", dtype=dtype,
                   backend=backend.removesuffix("-awq").removesuffix("-async"),
                   async_scheduling=backend.endswith("-async"), gpu_memory_utilization=0.4,
-                  max_model_len=args.input_len + args.output_len + 16, max_num_seqs=max(args.batch_sizes))
+                  max_model_len=max(args.input_len + args.output_len, args.prefill) + 16,
+                  max_num_seqs=max(args.batch_sizes), max_num_batched_tokens=max(8192, args.prefill))
         step_weights = weight_bytes(llm)
         kv_per_token = llm.engine.config.model.kv_bytes_per_token
         for b in tqdm([1] if backend.endswith("-awq") else args.batch_sizes, desc=f"{backend} batch sizes"):
@@ -268,11 +304,15 @@ def main() -> None:
             rows.append({"backend": backend, "batch": b, "decode_tok_s": tok_s, "roofline_tok_s": roofline_tok_s,
                          "share_of_roofline": tok_s / roofline_tok_s})
             print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}))
+        if args.prefill and not backend.endswith("-awq"):
+            prefills[backend] = prefill_share(llm, args.prefill, rate)
+            print(json.dumps({"backend": backend, "prefill": prefills[backend]}))
         del llm
         gc.collect()
         torch.cuda.empty_cache()
     result = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "shape": args.shape,
-              "copy_gb_s": bandwidth / 1e9, "input_len": args.input_len, "output_len": args.output_len, "rows": rows}
+              "copy_gb_s": bandwidth / 1e9, "matmul_tflop_s": rate / 1e12, "prefill": prefills,
+              "input_len": args.input_len, "output_len": args.output_len, "rows": rows}
     by = {(r["backend"], r["batch"]): r["decode_tok_s"] for r in rows}
     if ("turbomind-awq", 1) in by and ("turbomind", 1) in by:
         result["awq_over_bf16_batch1"] = by[("turbomind-awq", 1)] / by[("turbomind", 1)]
