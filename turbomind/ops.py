@@ -264,7 +264,8 @@ def _lora_kernels_take(y: torch.Tensor, x: torch.Tensor, stack: LoRAStack, meta:
     return (meta.slots is not None and len(stack.parts) <= 3 and all(o % 2 == 0 for o in stack.offsets)
             and y.shape[1] % 2 == 0 and meta.rank * len(stack.parts) <= LORA_MAX_RANK_PARTS
             and x.shape[1] % vec == 0 and x.stride(1) == 1 and x.stride(0) % vec == 0 and x.data_ptr() % 16 == 0
-            and y.stride(1) == 1 and x.dtype == y.dtype == stack.a.dtype)
+            and y.stride(1) == 1 and y.stride(0) % 2 == 0 and y.data_ptr() % (2 * y.element_size()) == 0
+            and x.dtype == y.dtype == stack.a.dtype)
 
 
 def _expand_columns(y: torch.Tensor, stack: LoRAStack) -> int:
@@ -288,6 +289,9 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, stack: LoRAStack, meta: LoRAMetad
     rows = meta.rows if meta.rows is not None else NULL
     _check(meta.rows is None or (meta.rows.dtype == torch.int64 and meta.rows.shape == (n,)),
            f"LoRA rows must be int64 [{n}]")
+    _check(0 < r <= stack.a.shape[0] and x.shape[1] == stack.a.shape[-1] and y.shape[1] == stack.b.shape[-1],
+           f"LoRA: rank {r} must be in [1, {stack.a.shape[0]}], x [T, {stack.a.shape[-1]}] and y [T, "
+           f"{stack.b.shape[-1]}] (got {tuple(x.shape)}, {tuple(y.shape)})")
     if n == 0:
         return y
     h = torch.empty(n, r * parts, dtype=torch.float32, device=y.device)  # every token's down-projection
