@@ -51,7 +51,9 @@ def test_bf16_mixed_adapters_match_peft(tiny_models, lora_adapters):
     ps = [p for p in prompts for _ in names]
     ns = [n for _ in prompts for n in names]
     for opts in ({}, {"enable_cuda_graph": False}, {"max_loras": 2, "max_num_batched_tokens": 40}):
-        llm = LLM(str(base), device="cuda", dtype="bfloat16", gpu_memory_utilization=0.3,
+        # torch_engine, whose ops round as peft's do: turbomind's fused kernels round elsewhere, so
+        # its bf16 near-ties flip past the gap (its adapters: test_gpu_turbomind's float32 identity)
+        llm = LLM(str(base), device="cuda", dtype="bfloat16", gpu_memory_utilization=0.3, backend="pytorch",
                   adapters=lora_adapters, **{"max_loras": 4, **opts})
         ours = [o.outputs[0].token_ids for o in llm.generate(ps, params, adapter=ns)]
         test_gpu_parity._assert_greedy_parity(ours, [ref[n][i] for i in range(len(prompts)) for n in names],

@@ -39,13 +39,18 @@ PREFILL_QUERIES = 32  # prefill_attention.cu's QT
 MIN_SPLIT_TOKENS = 32  # split-K: no split of a shorter context (BENCHMARKS.md: batch-1 attention, 192 keys)
 DENSE_GEMV_MAX_ROWS = 4  # gemv.cu's largest MR: more rows go to cuBLAS
 DENSE_GEMV_ROWS = (1, 2, 4)  # gemv.cu's MR instantiations
+# gemv.cu beat cuBLAS at one row on inputs up to 4,096 (the 8B shape's qkv and o: 11% faster) and
+# lost on the 14,336 of its down projection (BENCHMARKS.md, H100, 2026-12-07): wider inputs stay on cuBLAS
+DENSE_GEMV_MAX_IN = 4096
 DENSE_GEMV_WARPS = 8  # gemv.cu's WARPS
 DENSE_GEMV_RPW = 2  # outputs per warp (weight rows read side by side)
 AWQ_GEMV_MAX_ROWS = 8  # awq_gemv.cu's largest MR: more rows go to awq_gemm
 AWQ_GEMV_ROWS = (1, 2, 4, 8)  # awq_gemv.cu's MR instantiations (accumulator rows in registers)
 AWQ_KS = 8  # awq_gemv.cu's KS: thread rows per CTA, each over its own inputs
 AWQ_COLS = 32  # awq_gemv.cu's COLS: threads per CTA along the packed columns
-AWQ_GEMV_VEC = 2  # packed columns per awq_gemv thread (1, 2 or 4 words per load; 4 with MR <= 4)
+# packed columns per awq_gemv thread (1, 2 or 4 words per load; 4 with MR <= 4): 1 was the fastest
+# on the 8B shape's four linears at 1 and 8 rows (BENCHMARKS.md, H100, 2026-12-07)
+AWQ_GEMV_VEC = 1
 SAMPLE_THREADS = 1024  # sample.cu's THREADS
 ARGMAX_THREADS = 256  # sample.cu's ARGMAX_THREADS
 ARGMAX_MAX_PARTS = 32  # argmax_final reduces the parts in one warp
@@ -336,11 +341,11 @@ def dense_gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            lora: LoRAStack | None = None, lora_meta: LoRAMetadata | None = None) -> torch.Tensor:
-    """torch_engine.ops.linear: gemv.cu for up to DENSE_GEMV_MAX_ROWS 16-bit rows (decode),
-    else cuBLAS through torch; then the deltas by lora.cu's kernels. float32 stays on cuBLAS:
-    its greedy tokens are compared with transformers' for identity."""
+    """torch_engine.ops.linear: gemv.cu for up to DENSE_GEMV_MAX_ROWS 16-bit rows (decode) of
+    at most DENSE_GEMV_MAX_IN inputs, else cuBLAS through torch; then the deltas by lora.cu's
+    kernels. float32 stays on cuBLAS: its greedy tokens are compared with transformers' for identity."""
     x2 = x.reshape(-1, x.shape[-1])
-    if dense_gemv_supported(x2, weight, bias):
+    if x2.shape[1] <= DENSE_GEMV_MAX_IN and dense_gemv_supported(x2, weight, bias):
         y = dense_gemv(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
     else:
         y = F.linear(x, weight, bias)
