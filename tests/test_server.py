@@ -54,11 +54,14 @@ def _engine(server):
 
 
 def _wait_idle(server, timeout: float = 10.0) -> None:
-    """All KV blocks back in the pool and nothing running."""
+    """All KV blocks back in the pool and nothing running. The engine takes ops in order, so a
+    call first makes it apply every add and abort sent before (an earlier test's request still
+    in the pipe would otherwise start after this returns, and use up a test's held steps)."""
     def idle() -> bool:
         s = _engine(server).stats()
         return s.num_free_blocks == s.num_blocks and s.num_running == 0 and s.num_waiting == 0
 
+    _engine(server).call_blocking("block_manager.check_integrity", timeout=10)
     wait_for(idle, "engine idle: every KV block free, nothing running or waiting", timeout)
     _engine(server).call_blocking("block_manager.check_integrity", timeout=10)
 
@@ -249,10 +252,13 @@ def test_disconnect_mid_stream_frees_blocks(server):
     before = _engine(server).stats().num_aborted
     with held_after(_engine(server), 3):
         with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as resp:
-            next(resp.iter_lines())
+            first = next(resp.iter_lines())
             # stats() is the snapshot of the engine's last published step, which may reach this
             # process after that step's first token: wait for it (the held request stays running)
-            wait_for(lambda: _engine(server).stats().num_running == 1, "the streaming request counts as running")
+            try:
+                wait_for(lambda: _engine(server).stats().num_running == 1, "the streaming request counts as running")
+            except AssertionError as e:  # what the engine holds instead, for whoever reads the failure
+                raise AssertionError(f"{e}; engine stats {_engine(server).stats()}, first line {first!r}") from None
         _assert_aborted_and_freed(server, before)
     _wait_idle(server)
 
