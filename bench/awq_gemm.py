@@ -46,7 +46,6 @@ def _copies(bytes_per_copy: int) -> int:
 def make_weights(dtype: torch.dtype) -> tuple[list[dict], list[dict]]:
     """(dense copies, awq copies): each copy {name: weight} over LAYER."""
     dense_bytes = sum(i * o * 2 for i, o in LAYER.values())
-    awq_bytes = AWQ_BYTES
     g = torch.Generator("cuda").manual_seed(0)
     base = {}
     for name, (i, o) in LAYER.items():
@@ -54,7 +53,7 @@ def make_weights(dtype: torch.dtype) -> tuple[list[dict], list[dict]]:
         z = torch.randint(0, 16, (i // GROUP, o), device="cuda", generator=g)
         s = (0.01 + 0.02 * torch.rand(i // GROUP, o, device="cuda", generator=g)).half()
         base[name] = (pack(q), pack(z), s)
-    awq = [{n: tuple(t.clone() for t in w) for n, w in base.items()} for _ in range(_copies(awq_bytes))]
+    awq = [{n: tuple(t.clone() for t in w) for n, w in base.items()} for _ in range(_copies(AWQ_BYTES))]
     dense = [{n: (0.02 * torch.randn(o, i, device="cuda", generator=g)).to(dtype) for n, (i, o) in LAYER.items()}
              for _ in range(_copies(dense_bytes))]
     return dense, awq

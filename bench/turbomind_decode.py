@@ -36,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lmq import LLM, SamplingParams
+from lmq.config import SchedulerConfig
 
 SHAPES = {
     "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
@@ -79,33 +80,31 @@ def make_awq(dense: Path, out: Path, group_size: int = 128) -> Path:
     return out
 
 
+def _best_seconds(fn, runs: int) -> float:
+    """The fastest of `runs` synchronized calls of `fn`, in seconds."""
+    best = float("inf")
+    for _ in range(runs):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 def copy_bandwidth() -> float:
     """Bytes per second of a device-to-device copy (each byte read once and written once)."""
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(6):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        dst.copy_(src)
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return 2 * src.numel() / best
+    return 2 * src.numel() / _best_seconds(lambda: dst.copy_(src), 6)
 
 
 def matmul_rate(n: int = 8192) -> float:
-    """FLOP/s of a bf16 n x n x n torch matmul (cuBLAS), best of 5."""
+    """FLOP/s of a bf16 n x n x n torch matmul (cuBLAS), best of 5 after a warm-up."""
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn_like(a)
     a @ b
-    best = float("inf")
-    for _ in range(5):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        a @ b
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
+    return 2 * n ** 3 / _best_seconds(lambda: a @ b, 5)
 
 
 def prefill_share(llm: LLM, tokens: int, rate: float) -> dict:
@@ -207,14 +206,15 @@ def attention_alone(bandwidth: float) -> dict:
         torch.cuda.synchronize()
         return start.elapsed_time(end) / 1e3 / 20
 
-    default, by_stages = ops.DECODE_STAGES, {}
+    default, secs = ops.DECODE_STAGES, {}
     try:
         for stages in DECODE_STAGE_SWEEP:  # decode_attention.cu's cp.async pipeline depth
             ops.DECODE_STAGES = stages
-            by_stages[stages] = kv_bytes / timed() / bandwidth
+            secs[stages] = timed()
     finally:
         ops.DECODE_STAGES = default
-    sec = timed()
+    sec = secs[default] if default in secs else timed()
+    by_stages = {stages: kv_bytes / t / bandwidth for stages, t in secs.items()}
     return {"batch": b, "context": ctx, "us": sec * 1e6, "kv_gb_s": kv_bytes / sec / 1e9,
             "share_of_copy_bandwidth": kv_bytes / sec / bandwidth, "stages": default,
             "share_by_stages": by_stages}
@@ -293,7 +293,8 @@ def main() -> None:
                   backend=backend.removesuffix("-awq").removesuffix("-async"),
                   async_scheduling=backend.endswith("-async"), gpu_memory_utilization=0.4,
                   max_model_len=max(args.input_len + args.output_len, args.prefill) + 16,
-                  max_num_seqs=max(args.batch_sizes), max_num_batched_tokens=max(8192, args.prefill))
+                  max_num_seqs=max(args.batch_sizes),
+                  max_num_batched_tokens=max(SchedulerConfig.max_num_batched_tokens, args.prefill))
         step_weights = weight_bytes(llm)
         kv_per_token = llm.engine.config.model.kv_bytes_per_token
         for b in tqdm([1] if backend.endswith("-awq") else args.batch_sizes, desc=f"{backend} batch sizes"):

@@ -24,7 +24,6 @@ NULL = np.uint64(0)  # a null pointer argument
 i64 = np.int64  # a `long long` argument (plain ints are passed as int32)
 
 
-
 def decode_stages(ctype: str, head_dim: int, heads_per_cta: int, stages: int = DECODE_STAGES) -> int:
     """decode_attention's pipeline depth for a cache type and shape: at most `stages`, as many as
     fit the 48 KB of static shared memory beside the final merge's [4 warps, HPC, D] floats.
