@@ -15,12 +15,19 @@ clock around `engine.step()`, device synchronized), GPU busy time (the sum of th
 durations), their ratio, and the number of kernels launched; plus the kernels that take the most
 GPU time. GPU busy time well below wall time means the step waits on the host (launches, Python);
 a kernel count in the hundreds per step points at fusing kernels more than at faster ones.
+
+With --host-profile, the steps run instead under cProfile, the device not synchronized between
+them (as the engine runs them; with --async-scheduling, step n+1's host work overlaps step n),
+and the table lists the host functions that take the most time (what a host-bound step waits on).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
+import pstats
 import shutil
 import tempfile
 import time
@@ -69,6 +76,23 @@ def _profile_steps(llm: LLM, steps: int) -> tuple[dict, str]:
             "gpu_busy_share": gpu_us / 1e3 / steps / wall_ms, "kernels_per_step": len(kernels) / steps}, table
 
 
+def _host_profile_steps(llm: LLM, steps: int) -> tuple[dict, str]:
+    """`steps` engine steps under cProfile, synchronized only before and after all of them."""
+    engine = llm.engine
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    t = time.perf_counter()
+    prof.enable()
+    for _ in range(steps):
+        engine.step()
+    torch.cuda.synchronize()
+    prof.disable()
+    wall_ms = 1e3 * (time.perf_counter() - t) / steps
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
+    return {"wall_ms_per_step": wall_ms}, text.getvalue()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="HF folder (default: the built-in model)")
@@ -82,6 +106,9 @@ def main() -> None:
                     help="profile with sequences spread over N rank-16 adapters for each N (0: base model)")
     ap.add_argument("--rank", type=int, default=16, help="rank of the --adapters adapters")
     ap.add_argument("--eager", action="store_true", help="also profile without CUDA graphs")
+    ap.add_argument("--async-scheduling", action="store_true", help="engines with async scheduling")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="cProfile the host instead of tracing kernels (no synchronization between steps)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--tables", default=None, help="write the profiler's top-kernel tables here")
     args = ap.parse_args()
@@ -101,21 +128,27 @@ def main() -> None:
                                                       "max_cpu_loras": max(max(counts), slots),
                                                       "max_lora_rank": args.rank}
             llm = LLM(folder, device="cuda", dtype="bfloat16", max_num_seqs=max(args.batch_sizes),
-                      max_model_len=args.input_len + 512, enable_cuda_graph=graphs, backend=backend, **lora)
+                      max_model_len=args.input_len + 512, enable_cuda_graph=graphs, backend=backend,
+                      async_scheduling=args.async_scheduling, **lora)
             vocab = llm.engine.config.model.vocab_size
             for i in tqdm(range(max(counts)), desc="adapters", disable=not max(counts)):
                 llm.load_adapter(f"a{i}", str(write_adapter(tmp / f"a{i}", llm, args.rank, i, "cuda")))
             for b, n in tqdm([(b, n) for b in args.batch_sizes for n in counts],
                              desc=f"{backend}, cuda graphs {'on' if graphs else 'off'}"):
                 _decode_ready(llm, make_prompts(b, args.input_len, vocab, seed=b), warmup=5, adapters=n)
-                stats, table = _profile_steps(llm, args.steps)
+                stats, table = (_host_profile_steps if args.host_profile else _profile_steps)(llm, args.steps)
                 for rid in list(llm.engine.requests):
                     llm.engine.abort(rid)
-                rows.append({"backend": backend, "batch": b, "adapters": n, "cuda_graphs": graphs, **stats})
-                what = f"{backend}, batch {b}, {n} adapters, CUDA graphs {'on' if graphs else 'off'}"
+                rows.append({"backend": backend, "batch": b, "adapters": n, "cuda_graphs": graphs,
+                             "async_scheduling": args.async_scheduling, **stats})
+                what = (f"{backend}, batch {b}, {n} adapters, CUDA graphs {'on' if graphs else 'off'}"
+                        f"{', async scheduling' if args.async_scheduling else ''}")
                 tables.append(f"== {what}\n{table}")
-                print(f"{what}: wall {stats['wall_ms_per_step']:.2f} ms, GPU {stats['gpu_ms_per_step']:.2f} ms "
-                      f"({100 * stats['gpu_busy_share']:.0f}%), {stats['kernels_per_step']:.0f} kernels/step")
+                if args.host_profile:
+                    print(f"{what}: wall {stats['wall_ms_per_step']:.2f} ms per step (under cProfile)")
+                else:
+                    print(f"{what}: wall {stats['wall_ms_per_step']:.2f} ms, GPU {stats['gpu_ms_per_step']:.2f} ms "
+                          f"({100 * stats['gpu_busy_share']:.0f}%), {stats['kernels_per_step']:.0f} kernels/step")
             del llm
             torch.cuda.empty_cache()
     shutil.rmtree(tmp, ignore_errors=True)

@@ -109,11 +109,11 @@ def matmul_rate(n: int = 8192) -> float:
 
 def prefill_share(llm: LLM, tokens: int, rate: float) -> dict:
     """One `tokens`-long prompt's prefill (time to the first token, best of 3 after a warm-up)
-    against `rate`: the FLOPs of the projections and of causal attention over that time."""
+    against `rate`: the FLOPs of the projections and of causal attention over that time. Each
+    call gets a prompt of its own, so no prefix-cache hit skips the work."""
     cfg = llm.engine.config.model
-    prompt = bench_prompts(1, tokens)
-    timed_generate(llm, prompt, 1)
-    sec = min(timed_generate(llm, prompt, 1) for _ in range(3))
+    timed_generate(llm, bench_prompts(1, tokens, seed=1000), 1)  # warm-up
+    sec = min(timed_generate(llm, bench_prompts(1, tokens, seed=1001 + i), 1) for i in range(3))
     layer_params = sum(p.numel() for n, p in llm.engine.runner.model.named_parameters()
                        if n.startswith("layers.") and p.dim() == 2)
     heads, head_dim = cfg.num_heads, cfg.head_dim
@@ -122,9 +122,9 @@ def prefill_share(llm: LLM, tokens: int, rate: float) -> dict:
             "share_of_matmul_rate": flops / sec / rate}
 
 
-def bench_prompts(batch: int, input_len: int) -> list[list[int]]:
-    """The batch's random prompts, the same for every engine (seeded by the batch size)."""
-    g = torch.Generator().manual_seed(batch)
+def bench_prompts(batch: int, input_len: int, seed: int | None = None) -> list[list[int]]:
+    """The batch's random prompts, the same for every engine (seeded by the batch size, or `seed`)."""
+    g = torch.Generator().manual_seed(batch if seed is None else seed)
     return [torch.randint(3, 32000, (input_len,), generator=g).tolist() for _ in range(batch)]
 
 
