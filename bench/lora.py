@@ -59,11 +59,11 @@ def run_peft(base: torch.nn.Module, paths: dict[str, Path], prompts: list[list[i
 
 
 def swap_in(llm: LLM, paths: list[Path], device: str) -> dict:
-    """Disk -> host (read + validate) and host -> device slot copy, milliseconds (median)."""
+    """Disk -> host (read, validate and pack) and host -> device slot copy, milliseconds (median)."""
     manager, reads, copies = llm.engine.adapters, [], []
     for p in paths[:8]:
         t = time.perf_counter()
-        weights = manager.read(str(p))
+        weights = manager.pack(manager.read(str(p)))
         reads.append(time.perf_counter() - t)
         _sync(device)
         t = time.perf_counter()

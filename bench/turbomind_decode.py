@@ -33,6 +33,7 @@ from pathlib import Path
 
 import _paths  # noqa: F401  (first: see its docstring)
 import torch
+from torch.profiler import ProfilerActivity, profile
 from tqdm.auto import tqdm
 
 from lmq import LLM, SamplingParams
@@ -110,16 +111,23 @@ def matmul_rate(n: int = 8192) -> float:
 def prefill_share(llm: LLM, tokens: int, rate: float) -> dict:
     """One `tokens`-long prompt's prefill (time to the first token, best of 3 after a warm-up)
     against `rate`: the FLOPs of the projections and of causal attention over that time. Each
-    call gets a prompt of its own, so no prefix-cache hit skips the work."""
+    call gets a prompt of its own, so no prefix-cache hit skips the work. Also the kernel
+    time of one more prefill under torch.profiler (`gpu_ms`, `kernels`, and its top kernels
+    as `table`), to tell host overhead from slow kernels."""
     cfg = llm.engine.config.model
     timed_generate(llm, bench_prompts(1, tokens, seed=1000), 1)  # warm-up
     sec = min(timed_generate(llm, bench_prompts(1, tokens, seed=1001 + i), 1) for i in range(3))
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        timed_generate(llm, bench_prompts(1, tokens, seed=1010), 1)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     layer_params = sum(p.numel() for n, p in llm.engine.runner.model.named_parameters()
                        if n.startswith("layers.") and p.dim() == 2)
     heads, head_dim = cfg.num_heads, cfg.head_dim
     flops = 2 * tokens * layer_params + 2 * 2 * cfg.num_layers * heads * head_dim * tokens ** 2 / 2
     return {"tokens": tokens, "ms": sec * 1e3, "tflop_s": flops / sec / 1e12,
-            "share_of_matmul_rate": flops / sec / rate}
+            "share_of_matmul_rate": flops / sec / rate,
+            "gpu_ms": sum(e.device_time for e in kernels) / 1e3, "kernels": len(kernels),
+            "table": prof.key_averages().table(sort_by="device_time_total", row_limit=15)}
 
 
 def bench_prompts(batch: int, input_len: int, seed: int | None = None) -> list[list[int]]:
@@ -307,6 +315,7 @@ def main() -> None:
             print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}))
         if args.prefill and not backend.endswith("-awq"):
             prefills[backend] = prefill_share(llm, args.prefill, rate)
+            print(prefills[backend].pop("table"))
             print(json.dumps({"backend": backend, "prefill": prefills[backend]}))
         del llm
         gc.collect()

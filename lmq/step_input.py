@@ -23,7 +23,7 @@ from typing import Protocol
 import torch
 
 from lmq.multimodal import ImageEmbeds
-from lora.adapter import LoRAAdapter
+from lora.slot_image import SlotImage
 
 
 @dataclass(frozen=True)
@@ -129,8 +129,8 @@ class ModelRunner(Protocol):
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """The cache (plus any scratch block of the runner's own), and CUDA graphs over it."""
 
-    def load_lora_slot(self, slot: int, adapter: LoRAAdapter | None) -> None:
-        """Write an adapter into a device slot (None: empty it)."""
+    def load_lora_slot(self, slot: int, image: SlotImage | None) -> None:
+        """Write a packed adapter into a device slot (None: empty it)."""
 
     def fuses_sampling(self, step: StepInput) -> bool:
         """Whether `execute` would draw this step's tokens itself given `StepInput.sampling` (a

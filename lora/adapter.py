@@ -60,19 +60,6 @@ class LoRAAdapter:
     def rank(self) -> int:
         return max(m.rank for m in self.modules.values())
 
-    @property
-    def nbytes(self) -> int:
-        return sum(m.a.nbytes + m.bt.nbytes for m in self.modules.values())
-
-    @property
-    def is_pinned(self) -> bool:
-        return all(m.a.is_pinned() and m.bt.is_pinned() for m in self.modules.values())
-
-    def pinned(self) -> LoRAAdapter:
-        """A copy in page-locked memory: copies into a GPU slot then run asynchronously."""
-        return LoRAAdapter(self.path, {k: LoRAModule(m.a.pin_memory(), m.bt.pin_memory())
-                                       for k, m in self.modules.items()})
-
 
 def module_shape(cfg: ModelConfig, name: str) -> tuple[int, int]:
     """(out, in) of a peft-named projection of the base model."""

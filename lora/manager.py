@@ -3,8 +3,9 @@
 Three tiers:
 
     registry   name -> Adapter (path, rank, a unique id); every adapter a request may name
-    host (CPU) LRU of at most max_cpu_loras loaded LoRAAdapters; a miss is read from disk
-               again on a background thread while other requests keep running
+    host (CPU) LRU of at most max_cpu_loras adapters packed as SlotImages (one buffer each, in
+               the model dtype, pinned on a CUDA engine: a slot load is one transfer); a miss is
+               read from disk again on a background thread while other requests keep running
     slots      max_loras device slots, each holding one adapter's stacked A/B weights
 
 A running sequence pins its adapter's slot; a slot is only reused (least recently pinned
@@ -26,13 +27,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from lora.adapter import AdapterError, LoRAAdapter, read_adapter
+from lora.slot_image import SlotImage, SlotLayout, pack
 
 if TYPE_CHECKING:  # lmq imports lora at run time, not the other way round
     from lmq.config import LoRAConfig, ModelConfig
 
 log = logging.getLogger("lmq")
 
-SlotLoader = Callable[[int, LoRAAdapter | None], None]  # (slot, weights or None to clear)
+SlotLoader = Callable[[int, SlotImage | None], None]  # (slot, packed weights or None to clear)
 
 
 @dataclass(eq=False)
@@ -58,8 +60,9 @@ class AdapterManager:
         self.model = model
         self.load_slot = load_slot
         self.pin_memory = pin_memory
+        self.layout = SlotLayout.for_model(model)
         self.registry: dict[str, Adapter] = {}
-        self.host: OrderedDict[int, LoRAAdapter] = OrderedDict()  # uid -> weights, LRU order
+        self.host: OrderedDict[int, SlotImage] = OrderedDict()  # uid -> packed weights, LRU order
         self.slots: list[Adapter | None] = [None] * config.max_loras
         self.slot_lru: OrderedDict[int, None] = OrderedDict((s, None) for s in range(config.max_loras))
         self.pins: dict[int, int] = {}  # seq_id -> slot
@@ -75,17 +78,21 @@ class AdapterManager:
     # -- registry ------------------------------------------------------------------------------
     def read(self, path: str) -> LoRAAdapter:
         """Read and validate an adapter folder (AdapterError with the reason)."""
-        return self._host_copy(read_adapter(path, self.model, self.config.max_lora_rank))
+        return read_adapter(path, self.model, self.config.max_lora_rank)
 
-    def _host_copy(self, weights: LoRAAdapter) -> LoRAAdapter:
-        return weights.pinned() if self.pin_memory and not weights.is_pinned else weights
+    def pack(self, weights: LoRAAdapter) -> SlotImage:
+        """The host tier's copy of an adapter: packed for one-transfer slot loads."""
+        return pack(weights, self.layout, self.model.dtype, pin=self.pin_memory)
+
+    def _read_packed(self, path: str) -> SlotImage:
+        return self.pack(self.read(path))
 
     def add(self, name: str, weights: LoRAAdapter) -> Adapter:
         if name in self.registry:
             raise ValueError(f"adapter name {name!r} is already loaded")
         adapter = Adapter(name, weights.path, weights.rank, next(self._uids))
         self.registry[name] = adapter
-        self._keep_host(adapter.uid, self._host_copy(weights))
+        self._keep_host(adapter.uid, self.pack(weights))
         log.info("lmq: adapter %r loaded from %s (rank %d)", name, weights.path, adapter.rank)
         return adapter
 
@@ -121,13 +128,13 @@ class AdapterManager:
                     self.load_slot(s, None)
 
     # -- host tier -----------------------------------------------------------------------------
-    def _keep_host(self, uid: int, weights: LoRAAdapter) -> None:
+    def _keep_host(self, uid: int, weights: SlotImage) -> None:
         self.host[uid] = weights
         self.host.move_to_end(uid)
         while len(self.host) > self.config.max_cpu_loras:
             self.host.popitem(last=False)
 
-    def _host_weights(self, adapter: Adapter) -> LoRAAdapter | None:
+    def _host_weights(self, adapter: Adapter) -> SlotImage | None:
         """The adapter's weights if in host memory; otherwise start reading them (once)."""
         weights = self.host.get(adapter.uid)
         if adapter.error is not None:
@@ -136,7 +143,7 @@ class AdapterManager:
             self.host.move_to_end(adapter.uid)
             return weights
         if adapter._future is None:
-            adapter._future = self._reader.submit(self.read, adapter.path)
+            adapter._future = self._reader.submit(self._read_packed, adapter.path)
             self._pending.add(adapter)
             self.num_reads += 1
         if not adapter._future.done():

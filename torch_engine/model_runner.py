@@ -18,8 +18,8 @@ from lmq.sequence import Request, Sequence
 from lmq.step_builder import StepBuilder
 from lmq.step_input import ModelOutput, StepInput
 from lmq.weights import iterate_weights, part_weights
-from lora.adapter import LoRAAdapter
 from lora.ops import LoRAMetadata
+from lora.slot_image import SlotImage
 from torch_engine.attention_metadata import AttentionMetadata
 from torch_engine.cuda_graph import DecodeGraphs
 
@@ -51,8 +51,8 @@ class ModelRunner:
         self.scratch_block = 0  # the cache's last block, set with the cache
         self.graphs: DecodeGraphs | None = None
 
-    def load_lora_slot(self, slot: int, adapter: LoRAAdapter | None) -> None:
-        self.model.load_lora_slot(slot, adapter)
+    def load_lora_slot(self, slot: int, image: SlotImage | None) -> None:
+        self.model.load_lora_slot(slot, image)
 
     def lora_rank_bucket(self, rank: int) -> int:
         """Ranks computed for a step: a power of two >= the step's largest rank, at most the

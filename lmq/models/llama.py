@@ -19,8 +19,8 @@ from torch import nn
 
 from lmq.config import LoRAConfig, ModelConfig, QuantConfig
 from lmq.multimodal import ImageEmbeds
-from lora.adapter import PROJECTIONS, LoRAAdapter
 from lora.ops import LoRAMetadata, LoRAStack
+from lora.slot_image import SlotImage, SlotLayout, SlotWriter
 
 
 def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
@@ -119,6 +119,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else _param(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype)
         # [max_len, 2, D]: computed in float32, then cast to the model dtype (as transformers casts cos/sin)
         self.register_buffer("cos_sin", _rope_cache(cfg).to(cfg.dtype), persistent=False)
+        self.lora_writer: SlotWriter | None = None  # enable_lora()
 
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, kv_caches: torch.Tensor,
                 meta: Any, lora: LoRAMetadata | None = None,
@@ -141,23 +142,21 @@ class LlamaForCausalLM(nn.Module):
 
     # -- LoRA ----------------------------------------------------------------------------------
     def enable_lora(self, config: LoRAConfig) -> None:
-        """Allocate every projection's slot stacks (zeros: an empty slot adds nothing)."""
+        """Allocate every projection's slot stacks (zeros: an empty slot adds nothing) and the
+        staging buffer slot loads go through (lora/slot_image.py)."""
         w = self.embed_tokens
+        stacks = []
         for layer in self.layers:
-            for lin in layer.projections().values():
+            for lin in layer.projections().values():  # layer order, then SlotLayout's FUSED order
                 lin.lora = LoRAStack(lin.parts, lin.in_features, config.max_lora_rank, config.max_loras,
                                      w.dtype, w.device)
+                stacks.append(lin.lora)
+        self.lora_writer = SlotWriter(SlotLayout.for_model(self.cfg), stacks, config.max_lora_rank)
 
-    def load_lora_slot(self, slot: int, adapter: LoRAAdapter | None) -> None:
-        """Write an adapter's weights into `slot` of every stack (None: empty the slot)."""
-        for layer in self.layers:
-            for lin in layer.projections().values():
-                lin.lora.clear(slot)
-        if adapter is None:
-            return
-        for (i, name), m in adapter.modules.items():
-            fused, part = PROJECTIONS[name]
-            self.layers[i].projections()[fused].lora.set(slot, part, m.a, m.bt)  # copy_ casts to the stack dtype
+    def load_lora_slot(self, slot: int, image: SlotImage | None) -> None:
+        """Write a packed adapter into `slot` of every stack (None: empty the slot)."""
+        assert self.lora_writer is not None, "load_lora_slot() before enable_lora()"
+        self.lora_writer.write(slot, image)
 
     # -- weights -------------------------------------------------------------------------------
     def _targets(self, name: str) -> tuple[torch.Tensor, tuple[slice, ...] | None] | None:
