@@ -2,9 +2,10 @@
 
 Loading a device slot module by module took one small host-to-device transfer per A and B
 (224 for a 16-layer model, each into a strided view of its stack) plus a zeroing kernel per
-stack: about 6.7 ms of host time per load on an H100, paid inside a step whenever 64 adapters
-share 32 slots. Packed once when the adapter enters the host tier, a load is one transfer of
-the whole image into a device staging buffer, then one device copy per stack part.
+stack. Packed once when the adapter enters the host tier, a load is one transfer of the whole
+image into a device staging buffer, then one device copy per stack part. (Measured on an H100,
+bench/lora.py: the synchronized slot load took 6.5 ms either way, so the transfers' count was
+not what it cost; BENCHMARKS.md.)
 
 The image is rank-major like the stacks (lora/ops.py), one column range per fused projection
 of each layer, in layer order and then qkv_proj, o_proj, gate_up_proj, down_proj:
