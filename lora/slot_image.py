@@ -31,10 +31,11 @@ from lora.ops import LoRAStack
 if TYPE_CHECKING:  # lmq imports lora at run time, not the other way round
     from lmq.config import ModelConfig
 
-# Each layer's fused projections in image order, and their peft parts in order (PROJECTIONS'
-# part indices; the model's Linear parts, which SlotWriter checks).
-FUSED: dict[str, tuple[str, ...]] = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",),
-                                     "gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+# Each layer's fused projections in image order, and their peft parts in order: PROJECTIONS
+# grouped (it lists each fused projection's parts in part-index order; the model's Linear
+# parts, which SlotWriter checks).
+FUSED: dict[str, tuple[str, ...]] = {fused: tuple(n for n, (f, _) in PROJECTIONS.items() if f == fused)
+                                     for fused, _ in PROJECTIONS.values()}
 
 
 @dataclass(frozen=True)
@@ -92,10 +93,6 @@ class SlotImage:
     path: str
     rank: int
     data: torch.Tensor  # [rank, layout.width] in the model dtype
-
-    @property
-    def nbytes(self) -> int:
-        return self.data.nbytes
 
 
 def pack(adapter: LoRAAdapter, layout: SlotLayout, dtype: torch.dtype, pin: bool = False) -> SlotImage:
