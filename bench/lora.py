@@ -70,9 +70,19 @@ def swap_in(llm: LLM, paths: list[Path], device: str) -> dict:
         llm.engine.runner.load_lora_slot(0, weights)
         _sync(device)
         copies.append(time.perf_counter() - t)
-    llm.engine.runner.load_lora_slot(0, None)
     med = lambda xs: sorted(xs)[len(xs) // 2] * 1e3  # noqa: E731
-    return {"disk_read_ms": med(reads), "slot_copy_ms": med(copies)}
+    out = {"disk_read_ms": med(reads), "slot_copy_ms": med(copies)}
+    if str(device).startswith("cuda"):  # where the copy's time goes: GPU time and launches of one load
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            llm.engine.runner.load_lora_slot(0, weights)
+            _sync(device)
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        out["profile_gpu_ms"] = sum(e.device_time for e in kernels) / 1e3
+        out["profile_kernels"] = len(kernels)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    llm.engine.runner.load_lora_slot(0, None)
+    return out
 
 
 def main() -> None:
@@ -139,6 +149,9 @@ def main() -> None:
         print(f"{r['adapters']:>8} {r['lmq_tok_s']:>10.1f} {r['base_tok_s']:>10.1f} {r['peft_tok_s']:>10.1f} "
               f"{r['vs_base']:>7.1%} {r['vs_peft']:>7.1f}x {r['slot_loads']:>10}")
     print(f"swap-in: disk read {swap['disk_read_ms']:.1f} ms, host->slot copy {swap['slot_copy_ms']:.2f} ms")
+    if "profile_gpu_ms" in swap:
+        print(f"one slot load under the profiler: {swap['profile_gpu_ms']:.2f} ms of GPU time, "
+              f"{swap['profile_kernels']} GPU operations")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": name, "args": vars(args), "rows": rows, "swap_in": swap},
                                               indent=1))
