@@ -5,15 +5,17 @@ random AutoAWQ weights (group 128), over row counts from decode batches to a pre
 For each row count M it times, with CUDA events, one pass over the layer's four linears:
 - bf16: `torch_engine.ops.linear` (cuBLAS) on [out, in] bf16 weights; dense_gemv: turbomind's
   gemv.cu on the same weights (up to 4 rows, as turbomind's linear takes it);
-- awq: `turbomind.ops.awq_linear` as the engine calls it (awq_gemv up to 8 rows, awq_gemm up to
-  AWQ_GEMM_MAX_ROWS, else dequantize + cuBLAS);
-- awq_gemm: the tensor-core kernel alone (M > 8), and dequant: dequantize + cuBLAS alone;
-and reports each as a ratio of bf16's time (the issue's goal: awq_gemm within 1.3x of bf16 at
-M = 128). Every variant cycles through enough weight copies to overflow the L2 cache, so no
-variant is timed on weights that stay on chip. The passes are captured in one CUDA graph and
-replayed, as the engine's decode steps are: eager, each launch costs tens of microseconds of
-Python and CuPy on the host, which at one row is longer than the W4A16 kernels themselves
-(`--eager` times them that way).
+- awq: `turbomind.ops.awq_linear` on AutoAWQ's layout (awq_gemv up to 8 rows, awq_gemm up to
+  AWQ_GEMM_MAX_ROWS, else dequantize + cuBLAS), and its kernels alone: awq_gemv (1 packed
+  column a thread), awq_gemm, dequant (dequantize + cuBLAS);
+- awq_repacked: `turbomind.ops.awq_linear` on turbomind's repacked layout (awq_layout.py:
+  awq_mma up to AWQ_MMA_MAX_ROWS, else dequantize + cuBLAS), and awq_mma_<MF>x<BK>: each
+  awq_mma tile alone (16 MF rows a CTA, BK inputs a stage);
+and reports each as a ratio of bf16's time (the issue's goal: within 1.3x of bf16 at M = 128).
+Every variant cycles through enough weight copies to overflow the L2 cache, so no variant is
+timed on weights that stay on chip. The passes are captured in one CUDA graph and replayed, as
+the engine's decode steps are: eager, each launch costs tens of microseconds of Python and CuPy
+on the host, which at one row is longer than the W4A16 kernels themselves (`--eager`).
 
     python bench/awq_gemm.py --json bench/results/awq_gemm_h200.json
 """
@@ -32,6 +34,7 @@ from tqdm.auto import tqdm
 from quant_tools.awq_format import pack
 from torch_engine import ops as torch_ops
 from turbomind import ops as tm
+from turbomind.launch import AWQ_MMA_BKS, AWQ_MMA_ROW_TILES, awq_mma_stages
 
 LAYER = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}  # (in, out)
 GROUP = 128
@@ -43,8 +46,8 @@ def _copies(bytes_per_copy: int) -> int:
     return max(2, -(-L2_OVERFLOW_BYTES // bytes_per_copy))
 
 
-def make_weights(dtype: torch.dtype) -> tuple[list[dict], list[dict]]:
-    """(dense copies, awq copies): each copy {name: weight} over LAYER."""
+def make_weights(dtype: torch.dtype) -> tuple[list[dict], list[dict], list[dict]]:
+    """(dense copies, AutoAWQ copies, turbomind-layout copies): each copy {name: weight} over LAYER."""
     dense_bytes = sum(i * o * 2 for i, o in LAYER.values())
     g = torch.Generator("cuda").manual_seed(0)
     base = {}
@@ -53,14 +56,16 @@ def make_weights(dtype: torch.dtype) -> tuple[list[dict], list[dict]]:
         z = torch.randint(0, 16, (i // GROUP, o), device="cuda", generator=g)
         s = (0.01 + 0.02 * torch.rand(i // GROUP, o, device="cuda", generator=g)).half()
         base[name] = (pack(q), pack(z), s)
+    packed = {n: tm.awq_pack(qw, qz, s.to(dtype), GROUP) for n, (qw, qz, s) in base.items()}
     awq = [{n: tuple(t.clone() for t in w) for n, w in base.items()} for _ in range(_copies(AWQ_BYTES))]
+    mma = [{n: tuple(t.clone() for t in w) for n, w in packed.items()} for _ in range(_copies(AWQ_BYTES))]
     dense = [{n: (0.02 * torch.randn(o, i, device="cuda", generator=g)).to(dtype) for n, (i, o) in LAYER.items()}
              for _ in range(_copies(dense_bytes))]
-    return dense, awq
+    return dense, awq, mma
 
 
-def _gemv(x: torch.Tensor, w: tuple, vec: int) -> torch.Tensor:
-    return tm.awq_gemv(x, *w, GROUP, vec=vec)
+def _mma(x: torch.Tensor, w: tuple, tile: tuple[int, int, int]) -> torch.Tensor:
+    return tm.awq_mma(x, *w, GROUP, tile=tile)
 
 
 def time_variant(fn, copies: list[dict], xs: dict[int, torch.Tensor], iters: int, eager: bool = False,
@@ -109,14 +114,17 @@ def main() -> None:
     args = ap.parse_args()
     dtype = torch.bfloat16
     t0 = time.perf_counter()
-    dense, awq = make_weights(dtype)
+    dense, awq, mma = make_weights(dtype)
+    tiles = {f"awq_mma_{mf}x{bk}": (mf, bk, awq_mma_stages(mf, bk)) for mf in AWQ_MMA_ROW_TILES for bk in AWQ_MMA_BKS
+             if GROUP % bk == 0}
     variants = {
         "bf16": (lambda x, w: torch_ops.linear(x, w), dense),
         "dense_gemv": (lambda x, w: tm.dense_gemv(x, w), dense),  # gemv.cu on the bf16 weights (<= 4 rows)
         "awq": (lambda x, w: tm.awq_linear(x, *w, GROUP), awq),
-        "awq_gemm": (lambda x, w: tm.awq_gemm(x, *w, GROUP), awq),
-        # awq_gemv's packed columns per thread (awq uses turbomind.ops.AWQ_GEMV_VEC)
-        **{f"awq_gemv_v{v}": (functools.partial(_gemv, vec=v), awq) for v in (1, 2, 4)},
+        "awq_repacked": (lambda x, w: tm.awq_linear(x, *w, GROUP), mma),
+        **{name: (functools.partial(_mma, tile=tile), mma) for name, tile in tiles.items()},
+        "awq_gemv": (lambda x, w: tm.awq_gemv(x, *w, GROUP, vec=1), awq),  # AutoAWQ's layout, <= 8 rows
+        "awq_gemm": (lambda x, w: tm.awq_gemm(x, *w, GROUP), awq),  # AutoAWQ's layout, > 8 rows
         "dequant": (lambda x, w: torch_ops.awq_linear(x, *w, GROUP), awq),
     }
     rows = []
@@ -124,16 +132,17 @@ def main() -> None:
         xs = {i: torch.randn(m, i, device="cuda").to(dtype) for i in {i for i, _ in LAYER.values()}}
         row = {"rows": m}
         for name, (fn, copies) in variants.items():
-            if (name == "awq_gemm") == (m <= tm.AWQ_GEMV_MAX_ROWS) and name.startswith("awq_gem"):
-                continue  # awq_gemm past awq_gemv's rows, awq_gemv within them
+            if (name == "awq_gemm" and m <= tm.AWQ_GEMV_MAX_ROWS) or (name == "awq_gemv" and m > tm.AWQ_GEMV_MAX_ROWS):
+                continue
             if name == "dense_gemv" and m > tm.DENSE_GEMV_MAX_ROWS:
                 continue
             row[f"{name}_us"] = round(time_variant(fn, copies, xs, args.iters, args.eager) * 1e6, 1)
         if m == 1:  # each linear alone, and the bytes the W4A16 pass moves per second
             row["per_linear_us"] = {
                 name: {v: round(time_variant(*variants[v], xs, args.iters, args.eager, (name,)) * 1e6, 1)
-                       for v in ("bf16", "dense_gemv", "awq_gemv_v1", "awq_gemv_v2", "awq_gemv_v4")} for name in LAYER}
-            row["awq_tb_s"] = round(AWQ_BYTES / (row["awq_us"] * 1e-6) / 1e12, 2)
+                       for v in ("bf16", "dense_gemv", "awq_gemv", "awq_repacked")} for name in LAYER}
+            for v in ("awq", "awq_repacked"):
+                row[f"{v}_tb_s"] = round(AWQ_BYTES / (row[f"{v}_us"] * 1e-6) / 1e12, 2)
         for name in variants:
             if f"{name}_us" in row and name != "bf16":
                 row[f"{name}_over_bf16"] = round(row[f"{name}_us"] / row["bf16_us"], 3)
@@ -141,7 +150,7 @@ def main() -> None:
         tqdm.write(json.dumps(row))
     result = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "layer": LAYER,
               "group_size": GROUP, "dtype": str(dtype), "timing": "eager" if args.eager else "cuda graph",
-              "gemm_max_rows": tm.AWQ_GEMM_MAX_ROWS, "rows": rows,
+              "gemm_max_rows": tm.AWQ_GEMM_MAX_ROWS, "mma_max_rows": tm.AWQ_MMA_MAX_ROWS, "rows": rows,
               "seconds": round(time.perf_counter() - t0, 1)}
     print(json.dumps(result, indent=1))
     if args.json:

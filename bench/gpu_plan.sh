@@ -4,9 +4,10 @@
 # some to run only those (default: all). Needs the ignored .gpu/ kit (prelude, wheels, the
 # default model's tokenizer in .gpu/tokenizer, CUDA headers in .gpu/cuda):
 #
-#   . .gpu/prelude.sh && bash bench/gpu_plan.sh [tests|alltests] [decode1b] [decode8b] [lora] [loraprof] [awq]
+#   . .gpu/prelude.sh && bash bench/gpu_plan.sh [tests|alltests] [decode1b] [decode8b] [prefill8b] [lora] [loraprof] [awq] [awqmma]
 #
-# Budget: tests ~3 min, decode1b ~4 min, decode8b ~3 min, lora ~2 min, loraprof ~2 min, awq ~2 min on an H100.
+# Budget: tests ~3 min, decode1b ~4 min, decode8b ~3 min, prefill8b ~2 min, lora ~2 min, loraprof ~2 min,
+# awq ~2 min, awqmma ~6 min (the repacked W4A16 kernel: its GPU tests, the kernel table, 8B batch-1 decode) on an H100.
 set -u
 out=${OUT:-/tmp/lmq-gpu}
 mkdir -p "$out"
@@ -32,11 +33,18 @@ for step in "${steps[@]}"; do
       --backends turbomind turbomind-async pytorch pytorch-async hf --json "$out/decode1b.json" ;;
     decode8b) run decode8b python3 bench/turbomind_decode.py --shape 8b --tokenizer $tok --batch-sizes 1 128 \
       --backends turbomind turbomind-async pytorch --skip-attention --awq --prefill 2048 --json "$out/decode8b.json" ;;
+    prefill8b) run prefill8b python3 bench/turbomind_decode.py --shape 8b --tokenizer $tok --batch-sizes 1 \
+      --output-len 16 --backends turbomind pytorch --skip-attention --prefill 2048 --json "$out/prefill8b.json" ;;
     lora) run lora python3 bench/lora.py --random-1b --tokenizer $tok --backend turbomind --num-adapters 8 64 \
       --peft-batches 0 --json "$out/lora.json" ;;
     loraprof) run loraprof python3 bench/profile_decode.py --random-1b --tokenizer $tok --backends turbomind \
       --batch-sizes 32 --adapters 0 8 32 --json "$out/loraprof.json" --tables "$out/loraprof.txt" ;;
     awq) run awq python3 bench/awq_gemm.py --iters 30 --json "$out/awq_gemm.json" ;;
-    *) echo "unknown step $step (tests alltests decode1b decode8b lora loraprof awq)" ;;
+    awqmma)
+      run awqmma_tests python3 -m pytest -q -m gpu tests/test_gpu_turbomind.py -k awq
+      run awq python3 bench/awq_gemm.py --iters 20 --rows 1 8 16 64 128 512 2048 --json "$out/awq_gemm.json"
+      run awq8b python3 bench/turbomind_decode.py --shape 8b --tokenizer $tok --batch-sizes 1 --backends turbomind \
+        --skip-attention --awq --json "$out/awq8b.json" ;;
+    *) echo "unknown step $step (tests alltests decode1b decode8b prefill8b lora loraprof awq awqmma)" ;;
   esac
 done

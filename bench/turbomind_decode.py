@@ -18,7 +18,8 @@ Random weights in the Llama-3.2-1B or Llama-3-8B shape, bf16. Reported:
   token, best of 3) as a share of the measured matmul rate (a bf16 8192^3 matmul): the
   projections' 2 * T * params FLOPs plus causal attention's 2 * 2 * layers * H * D * T^2 / 2;
 - with --awq: the same model round-to-nearest quantized to an AutoAWQ GEMM checkpoint (group
-  128, float16 activations), batch-1 decode on turbomind against the bf16 model's (issue 13).
+  128, float16 activations), batch-1 decode on turbomind against the bf16 model's (issue 13), in
+  AutoAWQ's layout (awq_gemv) and repacked for awq_mma (turbomind.ops.AWQ_MMA).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from tqdm.auto import tqdm
 
 from lmq import LLM, SamplingParams
 from lmq.config import SchedulerConfig
+from turbomind import ops as tm_ops
 
 SHAPES = {
     "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
@@ -276,7 +278,8 @@ def main() -> None:
                     help="lmq backends (NAME-async: with --async-scheduling), and hf for transformers' generate")
     ap.add_argument("--skip-attention", action="store_true")
     ap.add_argument("--prefill", type=int, default=0, help="also time one prompt of this many tokens (0: skip)")
-    ap.add_argument("--awq", action="store_true", help="also batch-1 decode of an AWQ copy on turbomind")
+    ap.add_argument("--awq", action="store_true", help="also batch-1 decode of an AWQ copy on turbomind, in "
+                    "AutoAWQ's layout (turbomind-awq) and repacked for awq_mma (turbomind-awq-mma)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -286,7 +289,8 @@ def main() -> None:
     folder = make_model(tmp, args.shape, args.tokenizer)
     runs = [(b, folder, "bfloat16") for b in args.backends]
     if args.awq:
-        runs.append(("turbomind-awq", make_awq(folder, tmp / "awq"), "float16"))
+        awq = make_awq(folder, tmp / "awq")
+        runs += [("turbomind-awq", awq, "float16"), ("turbomind-awq-mma", awq, "float16")]
     rows, prefills = [], {}
     for backend, model_dir, dtype in runs:
         if backend == "hf":  # the roofline columns are the engines'; HF's row is its tok/s
@@ -297,15 +301,17 @@ def main() -> None:
             gc.collect()
             torch.cuda.empty_cache()
             continue
+        tm_ops.AWQ_MMA = backend.endswith("-awq-mma")  # awq_pack's layout, read when the model loads
         llm = LLM(str(model_dir), device="cuda", dtype=dtype,
-                  backend=backend.removesuffix("-awq").removesuffix("-async"),
+                  backend=backend.removesuffix("-mma").removesuffix("-awq").removesuffix("-async"),
                   async_scheduling=backend.endswith("-async"), gpu_memory_utilization=0.4,
                   max_model_len=max(args.input_len + args.output_len, args.prefill) + 16,
                   max_num_seqs=max(args.batch_sizes),
                   max_num_batched_tokens=max(SchedulerConfig.max_num_batched_tokens, args.prefill))
         step_weights = weight_bytes(llm)
         kv_per_token = llm.engine.config.model.kv_bytes_per_token
-        for b in tqdm([1] if backend.endswith("-awq") else args.batch_sizes, desc=f"{backend} batch sizes"):
+        awq_run = "-awq" in backend
+        for b in tqdm([1] if awq_run else args.batch_sizes, desc=f"{backend} batch sizes"):
             tok_s = decode_tok_s(llm, bench_prompts(b, args.input_len), args.output_len)
             avg_ctx = args.input_len + args.output_len / 2
             step_bytes = step_weights + b * avg_ctx * kv_per_token
@@ -313,7 +319,7 @@ def main() -> None:
             rows.append({"backend": backend, "batch": b, "decode_tok_s": tok_s, "roofline_tok_s": roofline_tok_s,
                          "share_of_roofline": tok_s / roofline_tok_s})
             print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}))
-        if args.prefill and not backend.endswith("-awq"):
+        if args.prefill and not awq_run:
             prefills[backend] = prefill_share(llm, args.prefill, rate)
             print(prefills[backend].pop("table"))
             print(json.dumps({"backend": backend, "prefill": prefills[backend]}))
@@ -324,8 +330,9 @@ def main() -> None:
               "copy_gb_s": bandwidth / 1e9, "matmul_tflop_s": rate / 1e12, "prefill": prefills,
               "input_len": args.input_len, "output_len": args.output_len, "rows": rows}
     by = {(r["backend"], r["batch"]): r["decode_tok_s"] for r in rows}
-    if ("turbomind-awq", 1) in by and ("turbomind", 1) in by:
-        result["awq_over_bf16_batch1"] = by[("turbomind-awq", 1)] / by[("turbomind", 1)]
+    for awq_run in ("turbomind-awq", "turbomind-awq-mma"):
+        if (awq_run, 1) in by and ("turbomind", 1) in by:
+            result[f"{awq_run.removeprefix('turbomind-')}_over_bf16_batch1"] = by[(awq_run, 1)] / by[("turbomind", 1)]
     result["turbomind_over_pytorch"] = {b: by[("turbomind", b)] / by[("pytorch", b)] for b in args.batch_sizes
                                         if ("turbomind", b) in by and ("pytorch", b) in by}
     result["turbomind_over_hf"] = {b: by[("turbomind", b)] / by[("hf", b)] for b in args.batch_sizes

@@ -21,6 +21,7 @@ from lmq import LLM, SamplingParams
 from lmq.step_input import StepInput
 from torch_engine import ops as ref
 from torch_engine.attention_metadata import AttentionMetadata
+from turbomind import awq_layout
 from turbomind.launch import DECODE_STAGE_SWEEP
 
 pytestmark = pytest.mark.gpu
@@ -223,13 +224,41 @@ def test_awq_gemv(tm, dtype, m, k, n, group):
                                             (37, 576, 1536, 64), (100, 256, 128, 32), (300, 2048, 6144, 128),
                                             (64, 4096, 1024, 64)])
 def test_awq_gemm(tm, dtype, m, k, n, group):
-    """The tensor-core W4A16 GEMM (odd row counts past its 64-row tiles, split-K on narrow
-    outputs, every group size it takes) against dequantize-then-matmul; and awq_linear routes
-    rows past awq_gemv's to it."""
+    """The tensor-core W4A16 GEMM over AutoAWQ's layout (odd row counts past its 64-row tiles,
+    split-K on narrow outputs, every group size it takes) against dequantize-then-matmul; and
+    awq_linear routes rows past awq_gemv's to it."""
     x, args = _awq_case(m, k, n, group, dtype)
     expected = ref.awq_linear(x, *args)
     _gemm_close(tm.awq_gemm(x, *args), expected)
     _gemm_close(tm.awq_linear(x, *args), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m, k, n, group", [(1, 4096, 4096, 128), (3, 4096, 14336, 128), (8, 14336, 4096, 128),
+                                            (16, 4096, 6144, 128), (17, 576, 1536, 64), (33, 2048, 192, 32),
+                                            (5, 256, 320, 32), (64, 4096, 1024, 64), (100, 256, 128, 32),
+                                            (128, 4096, 14336, 128), (300, 2048, 6144, 128), (1, 32, 256, 32),
+                                            (2100, 256, 128, 32)])
+def test_awq_mma(tm, dtype, m, k, n, group):
+    """The W4A16 kernel over turbomind's repacked layout (awq_pack), every tile it has for the
+    group (16 to 64 rows a CTA, 32 or 64 inputs a stage): one row, rows past a tile, partial
+    CTAs along the outputs (192 and 320 outputs leave warps idle), split-K, against
+    dequantize-then-matmul on the AutoAWQ tensors with the scales in x's dtype (as the model
+    loads them); awq_linear equals it, with a bias, and past AWQ_MMA_MAX_ROWS too (cuBLAS)."""
+    from turbomind.launch import AWQ_MMA_BKS, AWQ_MMA_ROW_TILES, awq_mma_stages
+
+    x, (qweight, qzeros, scales, _) = _awq_case(m, k, n, group, dtype)
+    scales = scales.to(dtype)
+    expected = ref.awq_linear(x, qweight, qzeros, scales, group)
+    packed = awq_layout.repack(qweight, qzeros, scales, dtype)
+    if m <= tm.AWQ_MMA_MAX_ROWS:
+        for mf in AWQ_MMA_ROW_TILES:
+            for bk in (b for b in AWQ_MMA_BKS if group % b == 0):
+                _gemm_close(tm.awq_mma(x, *packed, group, tile=(mf, bk, awq_mma_stages(mf, bk))), expected)
+    got = tm.awq_linear(x, *packed, group)
+    _gemm_close(got, expected)
+    bias = torch.randn(n, device="cuda").to(dtype)
+    _gemm_close(tm.awq_linear(x, *packed, group, bias), (got.float() + bias.float()).to(dtype))  # rounded once
 
 
 LORA_RTOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}  # the oracle rounds h and the delta too
@@ -467,3 +496,67 @@ def test_bf16_diverges_from_float32_no_sooner_than_transformers(wide_models, arc
     e_tm = (torch.tensor(ours) - lp32).abs().mean().item()
     print(f"{arch}: fed-token |dlogprob| vs float32: transformers bf16 {e_hf:.5f}, turbomind bf16 {e_tm:.5f}")
     assert e_tm <= e_hf * (1 + FED_RTOL), (e_tm, e_hf)
+
+
+@pytest.fixture(scope="module")
+def wide_awq(wide_models, tmp_path_factory) -> str:
+    """The wide llama quantized by lmq awq (on the CPU, a few calibration samples)."""
+    from quant_tools.awq import AWQConfig, quantize_checkpoint
+    from quant_tools.wikitext import split
+
+    config = AWQConfig(group_size=64, calib_samples=8, calib_seqlen=64)
+    return str(quantize_checkpoint(str(wide_models["llama"]), str(tmp_path_factory.mktemp("wide-awq") / "q"), config,
+                                   split(held_out=False)[:6]))
+
+
+def _prompt_logprobs(llm: LLM, prompts: list[list[int]], k: int = 0) -> list[list[dict]]:
+    """Per prompt, the log-prob rows of its tokens after the first (top k and the prompt's own)."""
+    out = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(max_tokens=1, prompt_logprobs=k),
+                       use_tqdm=False)
+    return [o.prompt_logprobs[1:] for o in out]
+
+
+def _own(rows: list[list[dict]], prompts: list[list[int]]) -> torch.Tensor:
+    """The prompts' own tokens' log-probs, flat."""
+    return torch.tensor([row[t].logprob for r, p in zip(rows, prompts, strict=True)
+                         for row, t in zip(r, p[1:], strict=True)])
+
+
+@pytest.mark.parametrize("mma", [False, True])
+def test_awq_model_scores_prompts_as_torch_engine(wide_awq, monkeypatch, mma):
+    """An AWQ checkpoint on turbomind (AutoAWQ's layout with awq_gemv / awq_gemm, or with
+    AWQ_MMA its repacked layout and awq_mma, in the prefill and in the decode graphs) against
+    torch_engine on the same checkpoint: float16 prompt log-probs within
+    0.1 of torch_engine's float16 (both round each (q - z) * s to float16 and accumulate in
+    float32); each token turbomind's float16 greedy decode picks is within 0.1 of the best
+    log-prob torch_engine's float16 gives at its position; in bfloat16, no further from
+    torch_engine's float32 than torch_engine's own bfloat16 is (within FED_RTOL)."""
+    from turbomind import ops
+
+    monkeypatch.setattr(ops, "AWQ_MMA", mma)
+    prompts = random_prompts(8, [5, 40, 130, 300], seed=11)
+    greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    kw = dict(device="cuda", gpu_memory_utilization=0.2)
+    own, decoded = {}, None
+    for backend, dtype in (("turbomind", "float16"), ("pytorch", "float16"), ("pytorch", "float32"),
+                           ("pytorch", "bfloat16"), ("turbomind", "bfloat16")):
+        llm = LLM(wide_awq, backend=backend, dtype=dtype, **kw)
+        assert llm.engine.config.backend == backend
+        qweight = llm.engine.runner.model.layers[0].down_proj.qweight  # [in / 16, 2 out] once repacked
+        assert (qweight.shape[0] == WIDE["intermediate_size"] // 16) == (mma and backend == "turbomind")
+        own[backend, dtype] = _own(_prompt_logprobs(llm, prompts), prompts)
+        if (backend, dtype) == ("turbomind", "float16"):
+            decoded = [p + o.outputs[0].token_ids for p, o in zip(prompts, llm.generate(prompts, greedy,
+                                                                                       use_tqdm=False))]
+        if (backend, dtype) == ("pytorch", "float16"):
+            for p, d, rows in zip(prompts, decoded, _prompt_logprobs(llm, decoded, k=1), strict=True):
+                for row, t in zip(rows[len(p) - 1:], d[len(p):], strict=True):  # row j scores d[j + 1]
+                    assert row[t].logprob >= max(v.logprob for v in row.values()) - 0.1
+        del llm
+        torch.cuda.empty_cache()
+    assert (own["turbomind", "float16"] - own["pytorch", "float16"]).abs().max().item() < 0.1
+    lp32 = own["pytorch", "float32"]
+    e_te = (own["pytorch", "bfloat16"] - lp32).abs().mean().item()
+    e_tm = (own["turbomind", "bfloat16"] - lp32).abs().mean().item()
+    print(f"AWQ prompt |dlogprob| vs torch_engine float32: torch_engine bf16 {e_te:.5f}, turbomind bf16 {e_tm:.5f}")
+    assert e_tm <= e_te * (1 + FED_RTOL), (e_tm, e_te)

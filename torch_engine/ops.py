@@ -42,6 +42,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return add_bias_and_lora(F.linear(x, weight, bias), x, None, lora, lora_meta)
 
 
+def awq_pack(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+             group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An AWQ linear's tensors as loaded -> the layout awq_linear reads: here AutoAWQ's own."""
+    return qweight, qzeros, scales
+
+
 def awq_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
                bias: torch.Tensor | None = None, lora: LoRAStack | None = None,
                lora_meta: LoRAMetadata | None = None) -> torch.Tensor:

@@ -34,6 +34,18 @@ def decode_stages(ctype: str, head_dim: int, heads_per_cta: int, stages: int = D
     return max(1, min(stages, (48 * 1024 - merge_bytes) // stage_bytes))
 
 
+AWQ_MMA_ROW_TILES = (1, 2, 4)  # awq_mma.cu's MF: m16 tiles of rows per CTA
+AWQ_MMA_BKS = (32, 64)  # its inputs per pipeline stage (64 needs a group size that is a multiple)
+
+
+def awq_mma_stages(mf: int, bk: int) -> int:
+    """awq_mma's pipeline depth: at most 4, as many stages as fit 48 KB of static shared memory
+    (awq_mma.cu's Stage: x [16 MF, BK + 8] 16-bit, BK / 16 x 128 threads x 16 B of weights,
+    128 B of zero words and 512 B of scales)."""
+    stage_bytes = 16 * mf * (bk + 8) * 2 + bk // 16 * 128 * 16 + 128 + 512
+    return min(4, 48 * 1024 // stage_bytes)
+
+
 INSTANTIATIONS: dict[str, tuple[str, ...]] = {
     "norm.cu": tuple(f"rms_norm<{t}>" for t in CTYPES.values())
     + tuple(f"rms_norm_vec<{t}, {v}>" for t in CTYPES.values() for v in (1, 2, 4)),
@@ -48,6 +60,8 @@ INSTANTIATIONS: dict[str, tuple[str, ...]] = {
                          if r * v <= 16)
     + tuple(f"awq_gemv_reduce<{t}>" for t in CTYPES.values()),
     "awq_gemm.cu": ("awq_gemm<__half>", "awq_gemm<__nv_bfloat16>"),  # tensor cores: 16-bit only
+    "awq_mma.cu": tuple(f"awq_mma<{t}, {mf}, {bk}, {awq_mma_stages(mf, bk)}>" for t in ("__half", "__nv_bfloat16")
+                        for mf in AWQ_MMA_ROW_TILES for bk in AWQ_MMA_BKS),
     "lora.cu": tuple(f"lora_shrink<{t}>" for t in CTYPES.values())
     + tuple(f"lora_expand<{t}, {n}>" for t in CTYPES.values() for n in sorted({2, 16 // (4 if t == "float" else 2)})),
     "sample.cu": ("sample_race", "argmax_part", "argmax_final"),

@@ -19,20 +19,24 @@ from lora.ops import add_lora as torch_add_lora
 from torch_engine import ops as torch_ops
 from torch_engine.attention_metadata import AttentionMetadata
 from torch_engine.ops import embedding  # noqa: F401  (the embedding gather stays torch's)
+from turbomind import awq_layout
 from turbomind.launch import (
+    AWQ_MMA_BKS,
+    AWQ_MMA_ROW_TILES,
     CTYPES,
     DECODE_STAGES,
     HEAD_DIMS,
     HEADS_PER_CTA,
     NULL,
+    awq_mma_stages,
     decode_stages,
     device_index,
     i64,
     launch,
 )
 
-__all__ = ["add_lora", "argmax_rows", "attention", "attention_backends", "awq_linear", "dense_gemv", "embedding",
-           "linear", "rms_norm", "rotary_write_kv", "sample_race", "silu_and_mul"]
+__all__ = ["add_lora", "argmax_rows", "attention", "attention_backends", "awq_linear", "awq_pack", "dense_gemv",
+           "embedding", "linear", "rms_norm", "rotary_write_kv", "sample_race", "silu_and_mul"]
 
 DECODE_THREADS = 128  # decode_attention.cu's block (4 warps)
 PREFILL_QUERIES = 32  # prefill_attention.cu's QT
@@ -64,6 +68,14 @@ AWQ_GEMM_TILE = (64, 128, 32)  # awq_gemm.cu's BM, BN, BK
 # bench/awq_gemm.py measured (BENCHMARKS.md, H100, 2026-12-07)
 AWQ_GEMM_MAX_ROWS = 2048
 AWQ_GEMM_MIN_TILES = 8  # split-K: each split sums at least this many BK tiles
+# awq_pack repacks for awq_mma (turbomind/awq_layout.py) only once a GPU run has measured it
+# against awq_gemv / awq_gemm (bench/awq_gemm.py) and passed `pytest -m gpu`: not yet
+# (BENCHMARKS.md); until then the engine keeps AutoAWQ's layout and the kernels measured on it
+AWQ_MMA = False
+# awq_mma takes up to this many rows, more go to dequantize + cuBLAS (to be measured with it)
+AWQ_MMA_MAX_ROWS = 2048
+AWQ_MMA_BN = 256  # awq_mma.cu's BN: 4 warps x 64 outputs
+AWQ_MMA_MIN_STAGES = 4  # split-K: each split sums at least this many BK-input stages
 
 
 def attention_backends(device: torch.device) -> contextlib.AbstractContextManager:
@@ -497,14 +509,100 @@ def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scale
     return y
 
 
+def awq_mma_tile(m: int, group_size: int) -> tuple[int, int, int]:
+    """awq_mma's (MF, BK, STAGES) for m rows: the fewest m16 tiles that hold them (at most 4,
+    more rows take more CTAs), 64 inputs a stage where the group allows it and 4 tiles do not
+    leave only 2 stages of shared memory, else 32."""
+    mf = next((f for f in AWQ_MMA_ROW_TILES if 16 * f >= m), AWQ_MMA_ROW_TILES[-1])
+    bk = max(b for b in AWQ_MMA_BKS if group_size % b == 0 and (b == AWQ_MMA_BKS[0] or awq_mma_stages(mf, b) >= 3))
+    return mf, bk, awq_mma_stages(mf, bk)
+
+
+def _check_awq_mma(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                   group_size: int) -> str:
+    """turbomind's AWQ layout (awq_layout.py) for x [M, in] fp16 / bf16 -> x's C type."""
+    in_features, out_features = x.shape[1], scales.shape[1]
+    t = _dtype(x, scales)
+    _check(t != "float", f"awq_mma needs fp16 or bf16 x, got {x.dtype}")
+    _check(awq_layout.supported(in_features, out_features, group_size),
+           f"awq_mma needs out % {awq_layout.GROUP_COLS} == 0 and group_size % {awq_layout.MMA_GROUP_MULTIPLE} == 0 "
+           f"dividing in: got in={in_features}, out={out_features}, group_size={group_size}")
+    _check(qweight.dtype == qzeros.dtype == torch.int32 and qweight.shape == (in_features // 16, 2 * out_features)
+           and qzeros.shape == (in_features // group_size, out_features // 8)
+           and scales.shape == (in_features // group_size, out_features)
+           and all(p.is_contiguous() and p.data_ptr() % 16 == 0 for p in (qweight, qzeros, scales)),
+           f"AWQ tensors qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)}, scales {tuple(scales.shape)} "
+           f"do not match in={in_features}, group_size={group_size} in turbomind's layout (awq_pack), contiguous "
+           "and 16-byte aligned")
+    return t
+
+
+def awq_mma(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+            group_size: int, tile: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """x: [M, in] fp16 / bf16 -> [M, out]: the tensor-core W4A16 kernel over awq_pack's layout,
+    split over the inputs when the output tiles alone would leave SMs idle. `tile`: (MF, BK,
+    STAGES) of an awq_mma instantiation (bench/awq_gemm.py compares them; default awq_mma_tile)."""
+    m, in_features = x.shape
+    out_features = scales.shape[1]
+    t = _check_awq_mma(x, qweight, qzeros, scales, group_size)
+    mf, bk, stages = tile or awq_mma_tile(m, group_size)
+    _check(group_size % bk == 0 and stages == awq_mma_stages(mf, bk), f"awq_mma has no tile {(mf, bk, stages)} for "
+           f"group_size={group_size}")
+    y = torch.empty(m, out_features, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
+    x = x.contiguous()
+    if x.data_ptr() % 16:
+        x = x.clone()  # a fresh allocation: 16-byte aligned, as cp.async needs
+    bm = 16 * mf
+    col_ctas, row_ctas = -(-out_features // AWQ_MMA_BN), -(-m // bm)
+    total = in_features // bk
+    splits = split_k(col_ctas * row_ctas, total // AWQ_MMA_MIN_STAGES, x.device)
+    k_split = -(-total // splits) * bk
+    splits = -(-in_features // k_split)  # no empty split
+    ws = torch.empty(splits, m, out_features, dtype=torch.float32, device=x.device) if splits > 1 else NULL
+    launch("awq_mma.cu", f"awq_mma<{t}, {mf}, {bk}, {stages}>", x.device, (col_ctas, row_ctas, splits), (128,),
+           (y, ws, x, qweight, qzeros, scales, m, in_features, out_features, group_size, k_split))
+    if splits > 1:
+        _sum_splits(y, ws, splits, t)
+    return y
+
+
+def awq_pack(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+             group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An AWQ linear's AutoAWQ tensors (as loaded; scales in the model dtype) -> the layout
+    awq_linear reads: turbomind's repacked one for awq_mma (awq_layout.py) with AWQ_MMA on and
+    a shape and dtype awq_mma takes, else AutoAWQ's own with float16 scales, as awq_gemv and
+    awq_gemm read them (exact: the checkpoint's scales are float16, and a bfloat16 or float32
+    model's copies of them convert back without rounding). Once per linear, at load time."""
+    in_features, out_features = qweight.shape[0], scales.shape[1]
+    if AWQ_MMA and scales.dtype in (torch.float16, torch.bfloat16) and awq_layout.supported(
+            in_features, out_features, group_size):
+        return awq_layout.repack(qweight, qzeros, scales, scales.dtype)
+    return qweight, qzeros, scales.to(torch.float16)
+
+
+def _autoawq_layout(x: torch.Tensor, qweight: torch.Tensor) -> bool:
+    """Which of awq_pack's layouts an AWQ linear is in: AutoAWQ's qweight has a row per input,
+    turbomind's one per 16 inputs."""
+    return qweight.shape[0] == x.shape[-1]
+
+
 def awq_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
                bias: torch.Tensor | None = None, lora: LoRAStack | None = None,
                lora_meta: LoRAMetadata | None = None) -> torch.Tensor:
-    """torch_engine.ops.awq_linear: awq_gemv for up to 8 rows (decode), awq_gemm up to
-    AWQ_GEMM_MAX_ROWS (large decode batches, short prefills), else the weight dequantized and
-    cuBLAS (long prefills are compute-bound, where cuBLAS' GEMM beats awq_gemm's mma.sync tiles)."""
+    """torch_engine.ops.awq_linear over either of awq_pack's layouts. Repacked: awq_mma up to
+    AWQ_MMA_MAX_ROWS, else the weight dequantized and cuBLAS. AutoAWQ's: awq_gemv for up to 8
+    rows (decode), awq_gemm up to AWQ_GEMM_MAX_ROWS (large decode batches, short prefills), else
+    the weight dequantized and cuBLAS (long prefills are compute-bound, where cuBLAS' GEMM beats
+    mma.sync tiles)."""
     m = x.shape[0]
-    if 0 < m <= AWQ_GEMV_MAX_ROWS:
+    if not _autoawq_layout(x, qweight):
+        if m <= AWQ_MMA_MAX_ROWS:
+            y = awq_mma(x, qweight, qzeros, scales, group_size)
+        else:
+            y = x @ awq_layout.dequantize(qweight, qzeros, scales, group_size, x.dtype)
+    elif 0 < m <= AWQ_GEMV_MAX_ROWS:
         y = awq_gemv(x, qweight, qzeros, scales, group_size)
     elif AWQ_GEMV_MAX_ROWS < m <= AWQ_GEMM_MAX_ROWS and awq_gemm_supported(x, scales.shape[1], group_size):
         y = awq_gemm(x, qweight, qzeros, scales, group_size)

@@ -56,6 +56,14 @@ class Linear(nn.Module):
         return ops.awq_linear(x, self.qweight, self.qzeros, self.scales, self.quant.group_size, self.bias,
                               self.lora, lora)
 
+    def pack_quantized(self, ops: ModuleType) -> None:
+        """Once the checkpoint is in: the AWQ tensors in the layout the ops read (ops.awq_pack:
+        AutoAWQ's own for torch_engine; for turbomind, the one its W4A16 kernels read)."""
+        if self.quant is not None:
+            packed = ops.awq_pack(self.qweight.data, self.qzeros.data, self.scales.data, self.quant.group_size)
+            for name, t in zip(AWQ_TENSORS, packed):
+                setattr(self, name, nn.Parameter(t, requires_grad=False))
+
     def part_index(self, kind: str, rows: slice | None) -> tuple[slice, ...] | None:
         """Where output rows `rows` of the fused matrix sit in its tensor `kind`."""
         if rows is None:
@@ -218,6 +226,9 @@ class LlamaForCausalLM(nn.Module):
         if missing:
             raise ValueError(f"checkpoint is missing weights for: {', '.join(missing[:8])}"
                              + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+        for layer in self.layers:
+            for lin in layer.projections().values():
+                lin.pack_quantized(self.ops)
 
 
 def _rope_cache(cfg: ModelConfig) -> torch.Tensor:
