@@ -209,14 +209,14 @@ class AsyncEngine:
         return self._call(method, args).result(timeout)
 
     def set_debug_hooks(self, step_delay: float = 0.0, fail_steps: int = 0, pause_after: int | None = None,
-                        fail_encodes: int = 0) -> None:
+                        fail_encodes: int = 0, fail_after: int = 0) -> None:
         """Test-only (see engine_core.DebugHooks): sleep `step_delay` s before every step; make the
-        next `fail_steps` steps (and `fail_encodes` image-encoder batches) raise; hold every request
-        after `pause_after` more steps until the next call. Applies from the engine's next turn,
-        before the requests queued after it."""
+        next `fail_steps` steps after `fail_after` more (and `fail_encodes` image-encoder batches)
+        raise; hold every request after `pause_after` more steps until the next call. Applies from
+        the engine's next turn, before the requests queued after it."""
         with self._lock:
             self._check_open()
-            self._queue(core.DebugHooks(step_delay, fail_steps, pause_after, fail_encodes))
+            self._queue(core.DebugHooks(step_delay, fail_steps, pause_after, fail_encodes, fail_after))
 
     @property
     def alive(self) -> bool:

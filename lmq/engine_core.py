@@ -64,15 +64,17 @@ class Call:
 @dataclass(frozen=True)
 class DebugHooks:
     """Test-only: sleep `step_delay` seconds before every step; make the next `fail_steps` steps
-    raise, which takes the real failure path (the requests in flight fail, the engine keeps
-    serving); run only `pause_after` more steps, then hold every request where it is (ops are
-    still applied: aborts, calls) until the hooks change. A tiny model finishes any request
-    before a test can look at it: holding it makes "still running" true by construction."""
+    (after `fail_after` more that launch) raise, which takes the real failure path (the requests
+    in flight fail, the engine keeps serving); run only `pause_after` more steps, then hold
+    every request where it is (ops are still applied: aborts, calls) until the hooks change. A
+    tiny model finishes any request before a test can look at it: holding it makes "still
+    running" true by construction."""
 
     step_delay: float = 0.0
     fail_steps: int = 0
     pause_after: int | None = None  # None: never hold
     fail_encodes: int = 0  # image-encoder batches that raise (the real failure path of the pool)
+    fail_after: int = 0
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,7 @@ class EngineCore:
         self.sent_adds = 0
         self.step_delay = 0.0
         self.fail_steps = 0
+        self.fail_after = 0
         self.steps_left: int | None = None  # DebugHooks.pause_after: steps until the engine holds
         self.stopping = False
         self.failed: list[RequestDelta] = []  # deltas of requests failed after the last update was sent
@@ -251,6 +254,7 @@ class EngineCore:
             results.append(self._call(op))
         elif isinstance(op, DebugHooks):
             self.step_delay, self.fail_steps, self.steps_left = op.step_delay, op.fail_steps, op.pause_after
+            self.fail_after = op.fail_after
             if self.engine.encoders is not None:
                 self.engine.encoders.fail_batches = op.fail_encodes
         elif isinstance(op, Shutdown):
@@ -271,17 +275,24 @@ class EngineCore:
         return CallResult(op.call_id, value)
 
     def _launch(self, touched: dict[str, Request], deltas: list[RequestDelta]) -> StepInFlight | None:
-        """The step, queued on the device; None if it failed (its requests fail with it)."""
+        """The step, queued on the device; None if it failed (its requests fail with it). Under
+        async scheduling the step before it is read back first: the tokens it sampled are kept,
+        and the requests it finished end as they would have, not with this step's error."""
         if self.step_delay:
             time.sleep(self.step_delay)
         if self.steps_left:
             self.steps_left -= 1
         try:
-            if self.fail_steps:
+            if self.fail_after:
+                self.fail_after -= 1
+            elif self.fail_steps:
                 self.fail_steps -= 1
                 raise RuntimeError("injected step failure (DebugHooks.fail_steps)")
             return self.engine.launch_step()
         except Exception as e:
+            if self.in_flight is not None:
+                touched.update(self._finish(self.in_flight, deltas))
+                self.in_flight = None
             failed = self._fail_in_flight(e, [])
             for rid in failed:  # finished earlier, they keep their outputs; these do not
                 touched.pop(rid, None)

@@ -219,3 +219,38 @@ def test_engine_process_with_async_scheduling(tiny_models, pair):
                  engine.stats().num_blocks, "the engine is idle with every block free")
     finally:
         engine.shutdown()
+
+
+def test_a_failed_launch_keeps_what_the_step_in_flight_sampled(tiny_models):
+    """Step n + 1 launches before step n is read back. When that launch fails, step n's tokens
+    are still appended first: a request step n finished ends as it would have, only those still
+    running fail with the error, every block comes back, and the engine keeps serving."""
+    engine = AsyncEngine(build_engine_config(str(tiny_models["llama"]), async_scheduling=True, **OPTS))
+    params = SamplingParams(max_tokens=1, ignore_eos=True)
+
+    async def last(stream):
+        try:
+            return [out async for out in stream][-1]
+        except RuntimeError as e:
+            return e
+
+    async def main():
+        engine.set_debug_hooks(pause_after=0)  # hold: both requests join the same first step
+        streams = [engine.add_request("done", [5, 6, 7], params),
+                   engine.add_request("long", [8, 9], replace(params, max_tokens=50))]
+        engine.set_debug_hooks(fail_steps=1, fail_after=1)  # step 1 launches, step 2's launch fails
+        return await asyncio.gather(*(last(s) for s in streams))
+
+    try:
+        done, long = asyncio.run(main())
+        assert done.finished and done.outputs[0].finish_reason == "length" and len(done.outputs[0].token_ids) == 1
+        assert isinstance(long, RuntimeError) and "injected step failure" in str(long)
+        wait_for(lambda: engine.stats().num_running == 0 and engine.stats().num_free_blocks ==
+                 engine.stats().num_blocks, "the engine is idle with every block free")
+        async def again_():
+            return await last(engine.add_request("again", [5, 6, 7], replace(params, max_tokens=4)))
+
+        again = asyncio.run(again_())
+        assert again.outputs[0].finish_reason == "length" and len(again.outputs[0].token_ids) == 4
+    finally:
+        engine.shutdown()
