@@ -93,7 +93,7 @@ def _stream(ptr: int, device_index: int) -> object:
     import cupy
 
     with cupy.cuda.Device(device_index):
-        return cupy.cuda.ExternalStream(ptr)
+        return cupy.cuda.ExternalStream(ptr, device_index)  # the device named (CuPy: -1 is unknown)
 
 
 def device_index(device: torch.device) -> int:
