@@ -50,10 +50,14 @@ if __name__ == "__main__":
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess:
-    """A fresh Python process importing this checkout's lmq (not whichever one is installed)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=300, env=env, **kwargs)
+def _run(argv: list[str], input: str | None = None, **kwargs: object) -> subprocess.CompletedProcess:
+    """A fresh Python process importing this checkout's lmq (not whichever one is installed).
+    Its output is decoded as UTF-8 without newline translation: a generated "\\r" stays one."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "PYTHONIOENCODING": "utf-8"}
+    run = subprocess.run([sys.executable, *argv], input=None if input is None else input.encode(),
+                         capture_output=True, timeout=300, env=env, **kwargs)
+    return subprocess.CompletedProcess(run.args, run.returncode, run.stdout.decode(), run.stderr.decode())
 
 
 def _lmq(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
