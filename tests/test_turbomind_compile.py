@@ -15,7 +15,8 @@ def test_every_kernel_file_is_listed():
 def test_kernels_compile(file, tmp_path, monkeypatch):
     monkeypatch.setattr(compiler, "CACHE_DIR", tmp_path)
     names = INSTANTIATIONS[file]
-    cubin, lowered = compiler.compile_source((compiler.KERNELS / file).read_text(), file, names)
+    cubin, lowered = compiler.compile_source((compiler.KERNELS / file).read_text(), file, names,
+                                             include=compiler.headers())
     assert sorted(lowered) == sorted(names)
     for name in names:
         assert lowered[name].encode() in cubin, name
@@ -34,3 +35,14 @@ def test_broken_source_raises_with_log(tmp_path, monkeypatch):
     monkeypatch.setattr(compiler, "CACHE_DIR", tmp_path)
     with pytest.raises(compiler.CompileError, match="undefined_thing"):
         compiler.compile_source("__global__ void k() { undefined_thing(); }", "broken.cu", ())
+
+
+def test_a_changed_header_recompiles(tmp_path, monkeypatch):
+    """A kernel's cache key covers the headers it may include: editing one compiles again."""
+    monkeypatch.setattr(compiler, "CACHE_DIR", tmp_path)
+    source = '#include "k.cuh"\nextern "C" __global__ void k(float* y) { *y = VALUE; }'
+    compiler.compile_source(source, "k.cu", (), include={"k.cuh": "#define VALUE 1.f"})
+    compiler.compile_source(source, "k.cu", (), include={"k.cuh": "#define VALUE 1.f"})
+    assert len(list(tmp_path.glob("*.cubin"))) == 1
+    compiler.compile_source(source, "k.cu", (), include={"k.cuh": "#define VALUE 2.f"})
+    assert len(list(tmp_path.glob("*.cubin"))) == 2

@@ -1,7 +1,8 @@
 """NVRTC compilation of turbomind/kernels/*.cu to cubins, cached in memory and on disk.
 
-The cache key is the sha256 of source + options + arch + NVRTC version, so a restart compiles
-nothing and any change recompiles. Works on a CPU machine (CI compile-checks every kernel).
+The cache key is the sha256 of source + the headers it may include (kernels/*.cuh, given to
+NVRTC by name) + options + arch + NVRTC version, so a restart compiles nothing and any change
+recompiles. Works on a CPU machine (CI compile-checks every kernel).
 """
 
 from __future__ import annotations
@@ -39,17 +40,25 @@ def _options(arch: str) -> list[str]:
     return [f"--gpu-architecture={arch}", "-std=c++17", "--use_fast_math"] + [f"-I{d}" for d in include_dirs()]
 
 
-def compile_source(source: str, name: str, names: tuple[str, ...],
-                   arch: str = "sm_90a") -> tuple[bytes, dict[str, str]]:
-    """source -> (cubin, {name expression: lowered name}). `names` are template instantiations."""
+def headers() -> dict[str, str]:
+    """kernels/*.cuh by name: the headers a kernel file may #include."""
+    return {p.name: p.read_text() for p in sorted(KERNELS.glob("*.cuh"))}
+
+
+def compile_source(source: str, name: str, names: tuple[str, ...], arch: str = "sm_90a",
+                   include: dict[str, str] | None = None) -> tuple[bytes, dict[str, str]]:
+    """source -> (cubin, {name expression: lowered name}). `names` are template instantiations;
+    `include`: header name -> text, for its #include \"name\" lines."""
+    include = include or {}
     opts = _options(arch)
-    key = hashlib.sha256("\0".join([source, *opts, *names, arch, str(nvrtc.getVersion())]).encode()).hexdigest()
+    parts = [source, *(f"{k}\0{v}" for k, v in sorted(include.items())), *opts, *names, arch, str(nvrtc.getVersion())]
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()
     path = CACHE_DIR / f"{key}.cubin"
     lowered_path = path.with_suffix(".names")
     if path.exists() and lowered_path.exists():
         lowered = dict(line.split("\t") for line in lowered_path.read_text().splitlines())
         return path.read_bytes(), lowered
-    prog = nvrtc.createProgram(source, name, [], [])
+    prog = nvrtc.createProgram(source, name, [v.encode() for v in include.values()], [k.encode() for k in include])
     try:
         for n in names:
             nvrtc.addNameExpression(prog, n)
@@ -73,4 +82,4 @@ def compile_source(source: str, name: str, names: tuple[str, ...],
 @functools.cache
 def compile_kernel_file(file: str, names: tuple[str, ...], arch: str = "sm_90a") -> tuple[bytes, dict[str, str]]:
     """turbomind/kernels/<file> -> (cubin, lowered names), cached in memory too."""
-    return compile_source((KERNELS / file).read_text(), file, names, arch)
+    return compile_source((KERNELS / file).read_text(), file, names, arch, headers())

@@ -15,8 +15,7 @@
 // Split-K (blockIdx.z over K in k_split steps) writes fp32 partial sums to ws [splits, M, N],
 // added in a fixed order by awq_gemv_reduce (deterministic); with one split y is written directly.
 // Requires N % 64 == 0, K % BK == 0, g % BK == 0, x rows contiguous and 16-byte aligned.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "mma.cuh"
 
 namespace {
 constexpr int WARPS = 4, THREADS = 32 * WARPS, BN = 64 * WARPS;
@@ -33,21 +32,6 @@ struct __align__(16) Stage {
 template <typename T> struct Magic;  // (bits | q) is the 16-bit number BIAS + q, q in [0, 16)
 template <> struct Magic<__half> { static constexpr unsigned bits = 0x6400u; };         // 1024
 template <> struct Magic<__nv_bfloat16> { static constexpr unsigned bits = 0x4300u; };  // 128
-
-__device__ __forceinline__ unsigned smem_u32(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
-__device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)));
-}
 
 // (a & b) | c in one instruction
 __device__ __forceinline__ unsigned and_or(unsigned a, unsigned b, unsigned c) {
@@ -70,25 +54,6 @@ __device__ __forceinline__ unsigned sub_mul<__nv_bfloat16>(unsigned v, unsigned 
   __nv_bfloat162 r = __hmul2(__hsub2(*reinterpret_cast<__nv_bfloat162*>(&v), *reinterpret_cast<__nv_bfloat162*>(&z)),
                              *reinterpret_cast<__nv_bfloat162*>(&s));
   return *reinterpret_cast<unsigned*>(&r);
-}
-
-// c[16 x 8] += a[16 x 16] (row-major fragments) * b[16 x 8] ("col": k-pairs per register)
-template <typename T>
-__device__ __forceinline__ void mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1);
-template <>
-__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const unsigned (&a)[4], unsigned b0,
-                                                        unsigned b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-               "{%8, %9}, {%0, %1, %2, %3};\n"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <>
-__device__ __forceinline__ void mma16816<__half>(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-               "{%8, %9}, {%0, %1, %2, %3};\n"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 __device__ __forceinline__ unsigned word(const uint4& v, int i) {
