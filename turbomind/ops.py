@@ -530,10 +530,11 @@ def _check_awq_mma(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
     _check(qweight.dtype == qzeros.dtype == torch.int32 and qweight.shape == (in_features // 16, 2 * out_features)
            and qzeros.shape == (in_features // group_size, out_features // 8)
            and scales.shape == (in_features // group_size, out_features)
-           and all(p.is_contiguous() and p.data_ptr() % 16 == 0 for p in (qweight, qzeros, scales)),
+           and all(p.is_contiguous() and p.data_ptr() % 16 == 0 and p.device == x.device
+                   for p in (qweight, qzeros, scales)),
            f"AWQ tensors qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)}, scales {tuple(scales.shape)} "
-           f"do not match in={in_features}, group_size={group_size} in turbomind's layout (awq_pack), contiguous "
-           "and 16-byte aligned")
+           f"do not match in={in_features}, group_size={group_size} in turbomind's layout (awq_pack), contiguous, "
+           f"16-byte aligned, on {x.device}")
     return t
 
 
@@ -546,8 +547,9 @@ def awq_mma(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales
     out_features = scales.shape[1]
     t = _check_awq_mma(x, qweight, qzeros, scales, group_size)
     mf, bk, stages = tile or awq_mma_tile(m, group_size)
-    _check(group_size % bk == 0 and stages == awq_mma_stages(mf, bk), f"awq_mma has no tile {(mf, bk, stages)} for "
-           f"group_size={group_size}")
+    _check(mf in AWQ_MMA_ROW_TILES and bk in AWQ_MMA_BKS and group_size % bk == 0 and stages == awq_mma_stages(mf, bk),
+           f"awq_mma has no tile {(mf, bk, stages)} for group_size={group_size}: (MF, BK, STAGES) with MF in "
+           f"{AWQ_MMA_ROW_TILES}, BK in {AWQ_MMA_BKS} dividing the group, STAGES = awq_mma_stages(MF, BK)")
     y = torch.empty(m, out_features, dtype=x.dtype, device=x.device)
     if m == 0:
         return y

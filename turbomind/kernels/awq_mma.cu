@@ -120,6 +120,7 @@ __global__ void __launch_bounds__(THREADS) awq_mma(T* __restrict__ y, float* __r
     __syncthreads();  // stage t has landed for every thread; all are done with slot (t - 1) % STAGES
     if (t + STAGES - 1 < stages) load((t + STAGES - 1) % STAGES, t + STAGES - 1);
     cp_async_commit();
+    if (!active) continue;  // warp-uniform: a warp past the last output group only keeps the ring going
     const S& s = st[t % STAGES];
     // the group's zero points as (BIAS + z) pairs and its scales as pairs, per block w and half nh
     unsigned zp[4][2], sp[4][2];
@@ -177,9 +178,9 @@ __global__ void __launch_bounds__(THREADS) awq_mma(T* __restrict__ y, float* __r
           *reinterpret_cast<float2*>(ws + (static_cast<long long>(blockIdx.z) * m + row) * out + col) =
               make_float2(acc[i][j][2 * h], acc[i][j][2 * h + 1]);
         } else {
-          T* p = y + static_cast<long long>(row) * out + col;
-          p[0] = T(acc[i][j][2 * h]);
-          p[1] = T(acc[i][j][2 * h + 1]);
+          T pair[2] = {T(acc[i][j][2 * h]), T(acc[i][j][2 * h + 1])};  // one 4-byte store (col is even)
+          *reinterpret_cast<unsigned*>(y + static_cast<long long>(row) * out + col) =
+              *reinterpret_cast<const unsigned*>(pair);
         }
       }
     }
