@@ -107,7 +107,9 @@ def pack(adapter: LoRAAdapter, layout: SlotLayout, dtype: torch.dtype, pin: bool
 
 class SlotWriter:
     """Writes images into one slot of every stack of a model: one transfer of the image into a
-    device staging buffer (ranks above the image's zeroed), then one device copy per part."""
+    device staging buffer (ranks above the image's zeroed), then one device copy per part, all
+    issued by one `torch._foreach_copy_` over views made once (a Python loop of 224 copies cost
+    about 1.2 ms of host time per load for the 1B shape, measured on meta tensors)."""
 
     def __init__(self, layout: SlotLayout, stacks: list[LoRAStack], max_rank: int) -> None:
         """stacks: the model's stacks in `layout.spans` order (checked against the spans)."""
@@ -120,6 +122,18 @@ class SlotWriter:
         self.layout, self.stacks = layout, stacks
         a = stacks[0].a
         self.staging = torch.zeros(max_rank, layout.width, dtype=a.dtype, device=a.device)  # [R, W]
+        # per part of every stack, A [R, in] and B^T [R, out_part]: staging columns -> slot views
+        self._sources = [v for span in layout.spans for p in range(len(span.parts))
+                         for v in (self.staging[:, span.a_cols(p)], self.staging[:, span.b_cols(p)])]
+        self._targets: dict[int, list[torch.Tensor]] = {}
+
+    def _slot_views(self, slot: int) -> list[torch.Tensor]:
+        """The slot's part of every stack, ranks [0, R) (the whole slot is rewritten), in _sources' order."""
+        if slot not in self._targets:
+            self._targets[slot] = [v for stack in self.stacks
+                                   for p, (lo, n) in enumerate(zip(stack.offsets, stack.parts, strict=True))
+                                   for v in (stack.a[:, slot, p], stack.b[:, slot, p, lo:lo + n])]
+        return self._targets[slot]
 
     def write(self, slot: int, image: SlotImage | None) -> None:
         if image is None:
@@ -130,6 +144,4 @@ class SlotWriter:
         self.staging[:r].copy_(image.data, non_blocking=True)  # from pinned memory: the host does not wait
         if r < self.staging.shape[0]:
             self.staging[r:].zero_()
-        for span, stack in zip(self.layout.spans, self.stacks):
-            for p in range(len(span.parts)):  # ranks [0, R) of the part: the whole slot is rewritten
-                stack.set(slot, p, self.staging[:, span.a_cols(p)], self.staging[:, span.b_cols(p)])
+        torch._foreach_copy_(self._slot_views(slot), self._sources)
