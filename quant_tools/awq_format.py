@@ -50,7 +50,13 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
 def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
                dtype: torch.dtype) -> torch.Tensor:
     """The AutoAWQ tensors of one linear -> W^T [in, out] in `dtype` (what x @ W^T needs)."""
-    q = unpack(qweight)  # [in, out]
-    z = unpack(qzeros).repeat_interleave(group_size, dim=0)  # [in, out]
+    return dequantize_values(unpack(qweight), unpack(qzeros), scales, group_size, dtype)
+
+
+def dequantize_values(q: torch.Tensor, z: torch.Tensor, scales: torch.Tensor, group_size: int,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """Unpacked q [in, out], zero points z [in / g, out] and scales [in / g, out] -> W^T [in, out]
+    in `dtype`: (q - z) * s in float32, rounded once."""
+    z = z.repeat_interleave(group_size, dim=0)  # [in, out]
     s = scales.float().repeat_interleave(group_size, dim=0)  # [in, out]
     return ((q - z).float() * s).to(dtype)

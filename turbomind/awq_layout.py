@@ -27,9 +27,8 @@ from __future__ import annotations
 
 import torch
 
-from quant_tools.awq_format import pack, unpack
+from quant_tools.awq_format import dequantize_values, pack, unpack
 
-BLOCK = 16  # inputs and outputs of one lane word
 GROUP_COLS = 64  # outputs of one lane's 16-byte load (4 blocks); out must be a multiple
 MMA_GROUP_MULTIPLE = 32  # awq_mma.cu's smallest BK: a group never ends inside a pipeline stage
 
@@ -72,8 +71,15 @@ def _per_lane(t: torch.Tensor) -> torch.Tensor:
 
 
 def _from_lane(t: torch.Tensor) -> torch.Tensor:
-    groups, cgs = t.shape[:2]
-    return t.reshape(groups, cgs, 8, 4, 2).permute(0, 1, 3, 4, 2).reshape(groups, 64 * cgs)
+    """Inverse of _per_lane, from its flat [G, out] view."""
+    groups, n = t.shape
+    return t.reshape(groups, n // 64, 8, 4, 2).permute(0, 1, 3, 4, 2).reshape(groups, n)
+
+
+def _zero_points(qzeros: torch.Tensor) -> torch.Tensor:
+    """This layout's zero words [G, out / 8] -> z [G, out] (AutoAWQ's column order)."""
+    groups, words = qzeros.shape
+    return _from_lane(_words_to_nibbles(qzeros).reshape(groups, 8 * words))
 
 
 def repack(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
@@ -91,17 +97,11 @@ def repack(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
 def restore(qweight: torch.Tensor, qzeros: torch.Tensor,
             scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inverse of repack (scales stay in their dtype): back to AutoAWQ's GEMM layout."""
-    groups, n = scales.shape
-    z = _words_to_nibbles(qzeros.reshape(groups, n // 64, 8)).reshape(groups, n // 64, 8, 8)
-    return pack(unpack_weights(qweight)), pack(_from_lane(z)), _from_lane(scales.reshape(groups, n // 64, 8, 8))
+    return pack(unpack_weights(qweight)), pack(_zero_points(qzeros)), _from_lane(scales)
 
 
 def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
                dtype: torch.dtype) -> torch.Tensor:
     """This layout's tensors -> W^T [in, out] in `dtype`, (q - z) * s rounded once (as
     quant_tools.awq_format.dequantize on the AutoAWQ tensors)."""
-    groups, n = scales.shape
-    q = unpack_weights(qweight)  # [in, out]
-    z = _from_lane(_words_to_nibbles(qzeros.reshape(groups, n // 64, 8)).reshape(groups, n // 64, 8, 8))
-    s = _from_lane(scales.reshape(groups, n // 64, 8, 8)).float()
-    return ((q - z.repeat_interleave(group_size, dim=0)).float() * s.repeat_interleave(group_size, dim=0)).to(dtype)
+    return dequantize_values(unpack_weights(qweight), _zero_points(qzeros), _from_lane(scales), group_size, dtype)
