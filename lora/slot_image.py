@@ -119,7 +119,7 @@ class SlotWriter:
             if tuple(stack.parts) != span.parts or stack.a.shape[-1] != span.in_features:
                 raise ValueError(f"layer {span.layer} {span.fused}: stack parts {stack.parts} x {stack.a.shape[-1]} "
                                  f"do not match the layout's {span.parts} x {span.in_features}")
-        self.layout, self.stacks = layout, stacks
+        self.stacks = stacks
         a = stacks[0].a
         self.staging = torch.zeros(max_rank, layout.width, dtype=a.dtype, device=a.device)  # [R, W]
         # per part of every stack, A [R, in] and B^T [R, out_part]: staging columns -> slot views
